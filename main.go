@@ -1,0 +1,184 @@
+// Command wsrouter is a self-hosted WebSocket router: programs on different
+// private networks reach each other through rooms on one server they all dial
+// out to. See README.md for the API and ../shared/SPEC.md for the contract.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"wsrouter/registry"
+	"wsrouter/router"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "wsrouter:", err)
+		os.Exit(1)
+	}
+}
+
+// options are the command-line flags, each also read from WSROUTER_<FLAG>.
+type options struct {
+	addr            string
+	logFormat       string
+	logLevel        string
+	shutdownTimeout time.Duration
+
+	router   router.Config
+	registry registry.Config
+	origins  string
+}
+
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	o := &options{}
+	fs := flag.NewFlagSet("wsrouter", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.addr, "addr", ":8741", "listen address")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take")
+
+	rc, gc := &o.router, &o.registry
+	fs.Int64Var(&rc.MaxMessage, "max-message", 1<<20, "largest data message in bytes; a larger one closes its sender with 1009")
+	fs.IntVar(&rc.SendQueue, "send-queue", 256, "send queue depth per member, in messages; overflow closes it with 4008")
+	fs.DurationVar(&rc.WriteTimeout, "write-timeout", 10*time.Second, "deadline for every write, close frames included")
+	fs.DurationVar(&rc.PingInterval, "ping-interval", 30*time.Second, "how often the server pings each member (negative: never)")
+	fs.DurationVar(&rc.PingTimeout, "ping-timeout", 30*time.Second, "how long a ping may go unanswered before the member is dropped")
+	fs.StringVar(&o.origins, "allowed-origins", "", "comma-separated browser origin host patterns allowed to connect (empty: any)")
+
+	fs.IntVar(&gc.BcryptCost, "bcrypt-cost", 10, "bcrypt cost for keys")
+	fs.IntVar(&gc.MaxRegistrations, "max-registrations", 10000, "most live registrations (0: no cap)")
+	fs.IntVar(&gc.MaxMembers, "max-members", 1000, "most members per registration (0: no cap)")
+	fs.DurationVar(&gc.GCGrace, "gc-grace", 30*time.Second, "how long an emptied registration lives on (0: remove at once)")
+	fs.DurationVar(&gc.UnusedTTL, "unused-ttl", 10*time.Minute, "remove a registration nobody joined after this long (0: never)")
+
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	if err := applyEnv(fs); err != nil {
+		return nil, err
+	}
+	if o.origins != "" {
+		for p := range strings.SplitSeq(o.origins, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				rc.AllowedOrigins = append(rc.AllowedOrigins, p)
+			}
+		}
+	}
+	if gc.BcryptCost < 4 || gc.BcryptCost > 31 {
+		return nil, fmt.Errorf("-bcrypt-cost %d: want 4 to 31", gc.BcryptCost)
+	}
+	if rc.MaxMessage <= 0 {
+		return nil, fmt.Errorf("-max-message %d: want a positive size", rc.MaxMessage)
+	}
+	return o, nil
+}
+
+// applyEnv sets every flag not given on the command line from its
+// WSROUTER_<FLAG> environment variable, so the command line wins.
+func applyEnv(fs *flag.FlagSet) error {
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var err error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] || err != nil {
+			return
+		}
+		name := "WSROUTER_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(name); ok {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s: %w", name, e)
+			}
+		}
+	})
+	return err
+}
+
+func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("-log-level %q: %w", level, err)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("-log-format %q: want text or json", format)
+}
+
+// run is the whole program: it serves until ctx is done, then shuts down
+// gracefully. Logs go to stderr; stdout is unused but kept so that a test can
+// run the program exactly as main does.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	o, err := parseFlags(args, stderr)
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	log, err := newLogger(o.logFormat, o.logLevel, stderr)
+	if err != nil {
+		return err
+	}
+
+	rt := router.New(o.router, log)
+	srv := &http.Server{
+		Handler:           rt,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	ln, err := net.Listen("tcp", o.addr)
+	if err != nil {
+		return err
+	}
+	log.Info("listening", "addr", ln.Addr().String())
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+
+	log.Info("shutting down", "timeout", o.shutdownTimeout)
+	rt.SetDraining()
+	sctx, cancel := context.WithTimeout(context.Background(), o.shutdownTimeout)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- srv.Shutdown(sctx) }()
+	errRouter := rt.Shutdown(sctx)
+	errServer := <-done
+	if errRouter != nil || errServer != nil {
+		// Out of time: whatever is left is cut off. Still a clean exit, as
+		// SPEC §8 asks.
+		srv.Close()
+		log.Warn("shutdown timed out; remaining connections dropped")
+	}
+	log.Info("stopped")
+	return nil
+}

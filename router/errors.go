@@ -1,0 +1,74 @@
+package router
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"wsrouter/registry"
+)
+
+var (
+	errTooLarge     = errors.New("request body too large")
+	errShuttingDown = errors.New("server shutting down")
+	errNotUpgrade   = errors.New("websocket upgrade required")
+	errOrigin       = errors.New("origin not allowed")
+)
+
+// errRateLimited is a 429 with a Retry-After.
+type errRateLimited struct{ retry time.Duration }
+
+func (e *errRateLimited) Error() string { return "rate limited" }
+
+// status maps an error to its HTTP status and one-line body. This is the one
+// place registry errors become statuses (SPEC §2); a client's mistake is
+// never a 5xx.
+func status(err error) (int, string) {
+	var pe *errParam
+	var rl *errRateLimited
+	switch {
+	case errors.As(err, &pe):
+		return http.StatusBadRequest, pe.msg
+	case errors.As(err, &rl):
+		return http.StatusTooManyRequests, "rate limited"
+	case errors.Is(err, registry.ErrNotFound):
+		return http.StatusNotFound, "registration not found"
+	case errors.Is(err, registry.ErrForbidden):
+		// One body for key and host key: no oracle for which was wrong.
+		return http.StatusForbidden, "forbidden"
+	case errors.Is(err, errOrigin):
+		return http.StatusForbidden, "origin not allowed"
+	case errors.Is(err, registry.ErrExists):
+		return http.StatusConflict, "id already taken"
+	case errors.Is(err, errTooLarge):
+		return http.StatusRequestEntityTooLarge, "request body too large"
+	case errors.Is(err, errNotUpgrade):
+		return http.StatusBadRequest, "websocket upgrade required"
+	case errors.Is(err, registry.ErrTooManyRegistrations):
+		return http.StatusServiceUnavailable, "too many registrations"
+	case errors.Is(err, registry.ErrTooManyMembers):
+		return http.StatusServiceUnavailable, "too many members"
+	case errors.Is(err, registry.ErrBusy):
+		return http.StatusServiceUnavailable, "server busy"
+	case errors.Is(err, registry.ErrClosed), errors.Is(err, errShuttingDown):
+		return http.StatusServiceUnavailable, "server shutting down"
+	case errors.Is(err, context.Canceled):
+		// The client went away; nobody reads this answer. 499 as nginx does
+		// would confuse, and it is not the server's fault either.
+		return http.StatusBadRequest, "request canceled"
+	}
+	return http.StatusInternalServerError, "internal error"
+}
+
+// writeError answers err as a one-line text/plain body with its status.
+func writeError(w http.ResponseWriter, err error) {
+	code, msg := status(err)
+	var rl *errRateLimited
+	if errors.As(err, &rl) {
+		secs := int((rl.retry + time.Second - 1) / time.Second)
+		w.Header().Set("Retry-After", strconv.Itoa(max(1, secs)))
+	}
+	http.Error(w, msg, code)
+}

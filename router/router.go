@@ -1,0 +1,421 @@
+package router
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/coder/websocket"
+	"github.com/julienschmidt/httprouter"
+
+	"wsrouter/registry"
+)
+
+// Config holds the router's limits and timeouts. The zero value of a field
+// means the default documented on it.
+type Config struct {
+	// MaxMessage is the largest data message a member may send, in bytes;
+	// 0 means 1 MiB. A larger one closes its sender with 1009.
+	MaxMessage int64
+	// SendQueue is each member's send queue depth in messages; 0 means 256.
+	// It absorbs bursts from many senders; a receiver that falls further
+	// behind is a slow consumer (4008).
+	SendQueue int
+	// WriteTimeout bounds every write, close frames included; 0 means 10 s.
+	WriteTimeout time.Duration
+	// PingInterval is how often the server pings each member; 0 means 30 s,
+	// negative disables pings.
+	PingInterval time.Duration
+	// PingTimeout is how long a ping may go unanswered; 0 means 30 s.
+	PingTimeout time.Duration
+	// AllowedOrigins lists the browser origins (host patterns as in
+	// path.Match, e.g. "*.example.com") that may open WebSockets; empty
+	// means any.
+	AllowedOrigins []string
+	// Registry configures the router's registry. Its OnRemove and
+	// OnKeyCheck hooks are called after the router's own metrics hooks.
+	Registry registry.Config
+}
+
+func (c *Config) setDefaults() {
+	if c.MaxMessage <= 0 {
+		c.MaxMessage = 1 << 20
+	}
+	if c.SendQueue <= 0 {
+		c.SendQueue = 256
+	}
+	if c.WriteTimeout <= 0 {
+		c.WriteTimeout = 10 * time.Second
+	}
+	if c.PingInterval == 0 {
+		c.PingInterval = 30 * time.Second
+	}
+	if c.PingTimeout <= 0 {
+		c.PingTimeout = 30 * time.Second
+	}
+}
+
+// Router is wsrouter's HTTP and WebSocket edge. It implements http.Handler.
+type Router struct {
+	cfg     Config
+	reg     *registry.Registry
+	log     *slog.Logger
+	mux     *httprouter.Router
+	metrics *metrics
+
+	baseCtx    context.Context // parent of every connection's context
+	cancelBase context.CancelFunc
+
+	mu           sync.Mutex
+	shuttingDown bool           // guarded by mu
+	conns        sync.WaitGroup // Add under mu while !shuttingDown
+	draining     atomic.Bool    // mirrors shuttingDown for lock-free reads
+}
+
+// New returns a router with an empty registry. A nil logger discards logs.
+func New(cfg Config, log *slog.Logger) *Router {
+	cfg.setDefaults()
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	m := newMetrics()
+	regCfg := cfg.Registry
+	onRemove, onKeyCheck := regCfg.OnRemove, regCfg.OnKeyCheck
+	regCfg.OnRemove = func(r *registry.Registration, c registry.Cause) {
+		m.removedBy(c)
+		if onRemove != nil {
+			onRemove(r, c)
+		}
+	}
+	regCfg.OnKeyCheck = func(how registry.KeyCheck, d time.Duration) {
+		m.keyChecked(how, d)
+		if onKeyCheck != nil {
+			onKeyCheck(how, d)
+		}
+	}
+	reg := registry.New(regCfg)
+	m.registerLive(reg)
+	rt := &Router{cfg: cfg, reg: reg, log: log, metrics: m}
+	rt.baseCtx, rt.cancelBase = context.WithCancel(context.Background())
+
+	mux := httprouter.New()
+	mux.HandleMethodNotAllowed = true
+	mux.RedirectTrailingSlash = false
+	mux.RedirectFixedPath = false
+	mux.NotFound = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "not found", http.StatusNotFound)
+	})
+	mux.MethodNotAllowed = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// httprouter has already set Allow.
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	})
+	for _, m := range []string{http.MethodGet, http.MethodPost} {
+		mux.HandlerFunc(m, "/register", rt.serveRegister)
+	}
+	mux.HandlerFunc(http.MethodGet, "/connect", rt.serveConnect)
+	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodDelete} {
+		mux.HandlerFunc(m, "/remove", rt.serveRemove)
+	}
+	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)
+	mux.Handler(http.MethodGet, "/metrics", m.handler())
+	rt.mux = mux
+	return rt
+}
+
+// ServeHTTP implements http.Handler.
+func (rt *Router) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// Credentials are keys, not cookies, so any page may call us (SPEC §2).
+	w.Header().Set("Access-Control-Allow-Origin", "*")
+	rt.mux.ServeHTTP(w, r)
+}
+
+func (rt *Router) serveHealth(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if rt.draining.Load() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		w.Write([]byte("shutting down"))
+		return
+	}
+	w.Write([]byte("ok"))
+}
+
+func (rt *Router) serveRegister(w http.ResponseWriter, r *http.Request) {
+	if err := rt.register(w, r); err != nil {
+		writeError(w, err)
+	}
+}
+
+func (rt *Router) register(w http.ResponseWriter, r *http.Request) error {
+	if rt.draining.Load() {
+		return errShuttingDown
+	}
+	p, err := readParams(w, r)
+	if err != nil {
+		return err
+	}
+	key, err := p.key("key", "X-Key")
+	if err != nil {
+		return err
+	}
+	hostKey, err := p.key("host_key", "X-Host-Key")
+	if err != nil {
+		return err
+	}
+	typ, err := p.regType()
+	if err != nil {
+		return err
+	}
+	idReq, err := p.id("id_req", false)
+	if err != nil {
+		return err
+	}
+	reg, err := rt.reg.Create(r.Context(), idReq, typ, key, hostKey)
+	if err != nil {
+		return err
+	}
+	rt.metrics.registered(typ)
+	rt.log.Info("registered", "reg", reg.ID, "type", typ.String())
+
+	if acceptsJSON(r) {
+		w.Header().Set("Content-Type", "application/json")
+		return json.NewEncoder(w).Encode(struct {
+			ID      string `json:"id"`
+			RegType string `json:"reg_type"`
+		}{reg.ID, typ.String()})
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	_, err = w.Write([]byte(reg.ID))
+	return err
+}
+
+func acceptsJSON(r *http.Request) bool {
+	for _, v := range r.Header.Values("Accept") {
+		for part := range strings.SplitSeq(v, ",") {
+			mt, _, _ := strings.Cut(part, ";")
+			if strings.EqualFold(strings.TrimSpace(mt), "application/json") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (rt *Router) serveRemove(w http.ResponseWriter, r *http.Request) {
+	if err := rt.remove(w, r); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
+	p, err := readParams(w, r)
+	if err != nil {
+		return err
+	}
+	id, err := p.id("id", true)
+	if err != nil {
+		return err
+	}
+	key, err := p.key("key", "X-Key")
+	if err != nil {
+		return err
+	}
+	hostKey, err := p.key("host_key", "X-Host-Key")
+	if err != nil {
+		return err
+	}
+	reg, err := rt.reg.Get(id)
+	if err != nil {
+		return err
+	}
+	// Both keys are always checked, so the time taken does not tell which
+	// one was wrong.
+	errKey := reg.CheckKey(r.Context(), key)
+	errHost := reg.CheckHostKey(r.Context(), hostKey)
+	if err := errors.Join(errKey, errHost); err != nil {
+		return err
+	}
+	reg.Remove()
+	rt.log.Info("removed", "reg", reg.ID)
+	return nil
+}
+
+func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
+	c, err := rt.admit(w, r)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	defer c.reg.Leave(c)
+
+	// The member joined before the upgrade response is written, so it
+	// receives every message sent after that (SPEC §4); they wait in its
+	// queue until the writer starts.
+	cw := &captureWriter{ResponseWriter: w}
+	cw.Header().Set("X-Connection-Id", c.id)
+	ws, err := websocket.Accept(cw, r, &websocket.AcceptOptions{
+		// Origins were checked in admit, before joining.
+		InsecureSkipVerify: true,
+	})
+	if err != nil {
+		// Accept has answered the request.
+		c.log.Debug("upgrade failed", "err", err)
+		return
+	}
+	defer rt.conns.Done()
+	c.serve(ws, cw.nc)
+}
+
+// admit runs every check of /connect that can refuse with a status, joins the
+// registration and counts the connection for Shutdown. On success the caller
+// owns a conn.Done and a Leave.
+func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
+	p, err := readParams(w, r)
+	if err != nil {
+		return nil, err
+	}
+	id, err := p.id("id", true)
+	if err != nil {
+		return nil, err
+	}
+	key, err := p.key("key", "X-Key")
+	if err != nil {
+		return nil, err
+	}
+	if !isUpgrade(r) {
+		return nil, errNotUpgrade
+	}
+	if !rt.originAllowed(r) {
+		return nil, errOrigin
+	}
+	reg, err := rt.reg.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	role, err := p.role(reg.Type)
+	if err != nil {
+		return nil, err
+	}
+	if err := reg.CheckKey(r.Context(), key); err != nil {
+		return nil, err
+	}
+
+	rt.mu.Lock()
+	if rt.shuttingDown {
+		rt.mu.Unlock()
+		return nil, errShuttingDown
+	}
+	rt.conns.Add(1)
+	rt.mu.Unlock()
+
+	c := rt.newConn(reg, role)
+	if err := reg.Join(c, role); err != nil {
+		rt.conns.Done()
+		return nil, err
+	}
+	return c, nil
+}
+
+// isUpgrade reports whether r asks for a WebSocket upgrade, so that a plain
+// request is refused before joining rather than by Accept after.
+func isUpgrade(r *http.Request) bool {
+	return headerHasToken(r.Header, "Connection", "upgrade") &&
+		headerHasToken(r.Header, "Upgrade", "websocket") &&
+		r.Header.Get("Sec-WebSocket-Key") != "" &&
+		r.Header.Get("Sec-WebSocket-Version") == "13"
+}
+
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Shutdown stops accepting members, closes every live one with 1001 and waits
+// for their connections to end or ctx to expire, whichever is first. It
+// exists because http.Server.Shutdown does not wait for hijacked
+// connections.
+func (rt *Router) Shutdown(ctx context.Context) error {
+	rt.mu.Lock()
+	rt.shuttingDown = true
+	rt.draining.Store(true)
+	rt.mu.Unlock()
+
+	rt.reg.Close(codeGoingAway, "server shutting down")
+
+	done := make(chan struct{})
+	go func() {
+		rt.conns.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		rt.cancelBase()
+		return nil
+	case <-ctx.Done():
+		// Abort whatever is still running: reads fail, sockets close.
+		rt.cancelBase()
+		return ctx.Err()
+	}
+}
+
+// Registry returns the router's registry.
+func (rt *Router) Registry() *registry.Registry { return rt.reg }
+
+// originAllowed reports whether a browser's Origin may open a WebSocket:
+// always without an Origin header (not a browser) or without patterns,
+// otherwise when the origin's host matches a pattern.
+func (rt *Router) originAllowed(r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" || len(rt.cfg.AllowedOrigins) == 0 {
+		return true
+	}
+	u, err := url.Parse(origin)
+	if err != nil || u.Host == "" {
+		return false
+	}
+	host := strings.ToLower(u.Host)
+	for _, pat := range rt.cfg.AllowedOrigins {
+		if ok, _ := path.Match(strings.ToLower(pat), host); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// SetDraining turns /healthz to 503 ahead of Shutdown, so a load balancer
+// stops sending traffic while live connections are still served.
+func (rt *Router) SetDraining() { rt.draining.Store(true) }
+
+// captureWriter lets Accept hijack the connection while keeping the raw
+// net.Conn, which the router needs for write deadlines and to drop a
+// connection whose close handshake stalls.
+type captureWriter struct {
+	http.ResponseWriter
+	nc net.Conn
+}
+
+func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	w.nc = nc
+	return nc, brw, nil
+}
