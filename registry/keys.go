@@ -103,7 +103,9 @@ func (reg *Registration) check(ctx context.Context, key string, hash []byte, mem
 		return nil
 	}
 	err := reg.registry.hasher.compare(ctx, hash, key)
-	if observe != nil && !errors.Is(err, ErrBusy) {
+	// Only a match or a mismatch is a decision: a check that gave up
+	// waiting for a worker (ErrBusy) or whose context ended is not observed.
+	if observe != nil && (err == nil || errors.Is(err, ErrForbidden)) {
 		observe(KeyBcrypt, time.Since(start))
 	}
 	if err != nil {

@@ -135,8 +135,9 @@ type Registration struct {
 	hostNext   uint64          // guarded by mu; round-robin cursor for PickHost
 }
 
-// Join adds m with role. Errors: ErrNotFound once removed (or the registry
-// closed), ErrTooManyMembers at MaxMembers.
+// Join adds m with role. Errors: ErrClosed once the registry closed,
+// ErrNotFound once the registration was removed, ErrTooManyMembers at
+// MaxMembers.
 func (reg *Registration) Join(m Member, role Role) error {
 	if reg.registry.isClosed() {
 		return ErrClosed

@@ -183,7 +183,13 @@ func (r *Registry) Create(ctx context.Context, idReq string, typ Type, key, host
 
 	if r.cfg.UnusedTTL > 0 {
 		reg.mu.Lock()
-		reg.armTimerLocked(r.cfg.UnusedTTL, CauseUnused)
+		// reg is already visible: someone may have joined (and left, arming
+		// the GC timer) or removed it since r.mu was released. Arming now
+		// would replace that GC timer with one that never fires for a
+		// joined registration, leaving it and its id alive forever.
+		if !reg.joined && !reg.removed {
+			reg.armTimerLocked(r.cfg.UnusedTTL, CauseUnused)
+		}
 		reg.mu.Unlock()
 	}
 	return reg, nil
