@@ -18,7 +18,6 @@ import (
 	"syscall"
 	"time"
 
-	"wsrouter/registry"
 	"wsrouter/router"
 )
 
@@ -38,9 +37,8 @@ type options struct {
 	logLevel        string
 	shutdownTimeout time.Duration
 
-	router   router.Config
-	registry registry.Config
-	origins  string
+	router  router.Config // router.Registry holds the registry's flags
+	origins string
 }
 
 func parseFlags(args []string, stderr io.Writer) (*options, error) {
@@ -52,9 +50,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take")
 
-	rc, gc := &o.router, &o.registry
+	rc, gc := &o.router, &o.router.Registry
 	fs.Int64Var(&rc.MaxMessage, "max-message", 1<<20, "largest data message in bytes; a larger one closes its sender with 1009")
-	fs.IntVar(&rc.SendQueue, "send-queue", 256, "send queue depth per member, in messages; overflow closes it with 4008")
+	fs.IntVar(&rc.SendQueueBytes, "send-queue-bytes", 1<<20, "send queue bound per member, in bytes (payload + 64 per message); overflow closes it with 4008")
 	fs.DurationVar(&rc.WriteTimeout, "write-timeout", 10*time.Second, "deadline for every write, close frames included")
 	fs.DurationVar(&rc.PingInterval, "ping-interval", 30*time.Second, "how often the server pings each member (negative: never)")
 	fs.DurationVar(&rc.PingTimeout, "ping-timeout", 30*time.Second, "how long a ping may go unanswered before the member is dropped")

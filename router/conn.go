@@ -25,6 +25,10 @@ const (
 	codeInternal     = 1011
 	codeRemoved      = 4000
 	codeSlowConsumer = 4008
+
+	// codePingTimeout stands for a member dropped without a close frame
+	// because it did not answer a ping. It never goes on the wire.
+	codePingTimeout = -1
 )
 
 // conn is one member: a WebSocket joined to a registration. The handler's
@@ -40,7 +44,7 @@ type conn struct {
 
 	// queue is the bounded send queue. Fan-out never blocks on it: a full
 	// queue closes the connection as a slow consumer.
-	queue chan registry.Message
+	queue *sendQueue
 
 	closeOnce   sync.Once
 	closing     chan struct{} // closed by Close
@@ -49,7 +53,7 @@ type conn struct {
 
 	// Set before the writer starts, then read-only.
 	ws *websocket.Conn
-	nc net.Conn
+	wc *wireConn
 }
 
 func newConnID() string {
@@ -66,17 +70,14 @@ func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn 
 		reg:     reg,
 		role:    role,
 		log:     rt.log.With("reg", reg.ID, "role", role.String(), "conn", id),
-		queue:   make(chan registry.Message, rt.cfg.SendQueue),
+		queue:   newSendQueue(rt.cfg.SendQueueBytes),
 		closing: make(chan struct{}),
 	}
 }
 
 // Send implements registry.Member. It never blocks.
 func (c *conn) Send(msg registry.Message) {
-	select {
-	case c.queue <- msg:
-	default:
-		// Counted as a 4008 close when the writer sends it.
+	if !c.queue.push(msg) {
 		c.Close(codeSlowConsumer, "slow consumer")
 	}
 }
@@ -87,13 +88,16 @@ func (c *conn) Close(code int, reason string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeReason = code, reason
 		close(c.closing)
+		// Counted when decided: the frame itself may wait for a stalled
+		// write to finish or time out.
+		c.rt.noteClose(code)
 	})
 }
 
 // serve runs the connection until it ends. The context derives from the
 // router's base context, never from the request's.
-func (c *conn) serve(ws *websocket.Conn, nc net.Conn) {
-	c.ws, c.nc = ws, nc
+func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
+	c.ws, c.wc = ws, wc
 	ctx, cancel := context.WithCancel(c.rt.baseCtx)
 	defer cancel()
 
@@ -120,7 +124,7 @@ func (c *conn) readLoop(ctx context.Context) error {
 		if err != nil {
 			if errors.Is(err, websocket.ErrMessageTooBig) {
 				// coder/websocket has already sent 1009.
-				c.rt.metrics.closed(codeTooBig)
+				c.rt.noteClose(codeTooBig)
 			}
 			return err
 		}
@@ -139,12 +143,22 @@ func (c *conn) writeLoop(ctx context.Context) {
 		defer t.Stop()
 		ping = t.C
 	}
+	var batch []registry.Message
 	for {
 		select {
-		case msg := <-c.queue:
-			if err := c.write(msg); err != nil {
+		case <-c.queue.ready:
+			// A pending close goes first: a removed or slow member is
+			// closed at once, not after its backlog.
+			select {
+			case <-c.closing:
+				c.closeHandshake()
+				return
+			default:
+			}
+			batch = c.queue.take(batch)
+			if err := c.writeBatch(batch); err != nil {
 				c.log.Debug("write failed", "err", err)
-				c.nc.Close()
+				c.wc.Close()
 				return
 			}
 		case <-c.closing:
@@ -158,25 +172,31 @@ func (c *conn) writeLoop(ctx context.Context) {
 	}
 }
 
-// write writes one message under the write timeout. The deadline sits on the
-// socket rather than in a context: cheaper per message, and it bounds the
-// flush itself.
-func (c *conn) write(msg registry.Message) error {
-	typ := websocket.MessageText
-	if msg.Binary {
-		typ = websocket.MessageBinary
+// writeBatch writes every message of a batch as its own frame, corked so
+// that the whole batch leaves in one system call under the write timeout.
+func (c *conn) writeBatch(batch []registry.Message) error {
+	c.wc.cork()
+	for _, msg := range batch {
+		typ := websocket.MessageText
+		if msg.Binary {
+			typ = websocket.MessageBinary
+		}
+		// No context deadline: corked writes only copy; the deadline sits
+		// on the socket for the one real write in uncork.
+		if err := c.ws.Write(context.Background(), typ, msg.Data); err != nil {
+			c.wc.uncork(c.rt.cfg.WriteTimeout)
+			return err
+		}
 	}
-	c.nc.SetWriteDeadline(time.Now().Add(c.rt.cfg.WriteTimeout))
-	return c.ws.Write(context.Background(), typ, msg.Data)
+	return c.wc.uncork(c.rt.cfg.WriteTimeout)
 }
 
 // closeHandshake sends the requested close frame and waits for the peer's,
 // dropping the socket if that takes longer than the write timeout.
 func (c *conn) closeHandshake() {
-	c.rt.metrics.closed(c.closeCode)
-	t := time.AfterFunc(c.rt.cfg.WriteTimeout, func() { c.nc.Close() })
+	t := time.AfterFunc(c.rt.cfg.WriteTimeout, func() { c.wc.Close() })
 	defer t.Stop()
-	c.nc.SetWriteDeadline(time.Now().Add(c.rt.cfg.WriteTimeout))
+	c.wc.SetWriteDeadline(time.Now().Add(c.rt.cfg.WriteTimeout))
 	c.ws.Close(websocket.StatusCode(c.closeCode), c.closeReason)
 }
 
@@ -190,8 +210,16 @@ func (c *conn) ping(ctx context.Context) {
 	err := c.ws.Ping(ctx)
 	if err != nil && errors.Is(err, context.DeadlineExceeded) {
 		c.log.Debug("ping timeout")
-		c.rt.metrics.pingTimeout()
-		c.nc.Close()
+		c.rt.noteClose(codePingTimeout)
+		c.wc.Close()
+	}
+}
+
+// noteClose counts a server-side close.
+func (rt *Router) noteClose(code int) {
+	rt.metrics.closed(code)
+	if rt.onClose != nil {
+		rt.onClose(code)
 	}
 }
 

@@ -160,9 +160,13 @@ func (m *metrics) registered(t registry.Type) { m.created.WithLabelValues(t.Stri
 
 func (m *metrics) removedBy(c registry.Cause) { m.removed.WithLabelValues(c.String()).Inc() }
 
-func (m *metrics) closed(code int) { m.closes.WithLabelValues(strconv.Itoa(code)).Inc() }
-
-func (m *metrics) pingTimeout() { m.closes.WithLabelValues("ping_timeout").Inc() }
+func (m *metrics) closed(code int) {
+	label := strconv.Itoa(code)
+	if code == codePingTimeout {
+		label = "ping_timeout"
+	}
+	m.closes.WithLabelValues(label).Inc()
+}
 
 func (m *metrics) rateLimited(endpoint string) { m.limited.WithLabelValues(endpoint).Inc() }
 

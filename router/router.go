@@ -1,12 +1,10 @@
 package router
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/url"
 	"path"
@@ -27,10 +25,11 @@ type Config struct {
 	// MaxMessage is the largest data message a member may send, in bytes;
 	// 0 means 1 MiB. A larger one closes its sender with 1009.
 	MaxMessage int64
-	// SendQueue is each member's send queue depth in messages; 0 means 256.
-	// It absorbs bursts from many senders; a receiver that falls further
-	// behind is a slow consumer (4008).
-	SendQueue int
+	// SendQueueBytes bounds each member's send queue, in payload bytes plus
+	// 64 per message; 0 means 1 MiB. It absorbs bursts from many senders; a
+	// receiver that falls further behind is a slow consumer (4008). An
+	// empty queue always takes one message, however large.
+	SendQueueBytes int
 	// WriteTimeout bounds every write, close frames included; 0 means 10 s.
 	WriteTimeout time.Duration
 	// PingInterval is how often the server pings each member; 0 means 30 s,
@@ -51,8 +50,8 @@ func (c *Config) setDefaults() {
 	if c.MaxMessage <= 0 {
 		c.MaxMessage = 1 << 20
 	}
-	if c.SendQueue <= 0 {
-		c.SendQueue = 256
+	if c.SendQueueBytes <= 0 {
+		c.SendQueueBytes = 1 << 20
 	}
 	if c.WriteTimeout <= 0 {
 		c.WriteTimeout = 10 * time.Second
@@ -80,6 +79,10 @@ type Router struct {
 	shuttingDown bool           // guarded by mu
 	conns        sync.WaitGroup // Add under mu while !shuttingDown
 	draining     atomic.Bool    // mirrors shuttingDown for lock-free reads
+
+	// onClose, if set (by tests, before serving), observes every
+	// server-side close as noteClose counts it.
+	onClose func(code int)
 }
 
 // New returns a router with an empty registry. A nil logger discards logs.
@@ -274,13 +277,16 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer rt.conns.Done()
-	c.serve(ws, cw.nc)
+	c.serve(ws, cw.wc)
 }
 
 // admit runs every check of /connect that can refuse with a status, joins the
 // registration and counts the connection for Shutdown. On success the caller
 // owns a conn.Done and a Leave.
 func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
+	if rt.draining.Load() {
+		return nil, errShuttingDown
+	}
 	p, err := readParams(w, r)
 	if err != nil {
 		return nil, err
@@ -402,20 +408,3 @@ func (rt *Router) originAllowed(r *http.Request) bool {
 // SetDraining turns /healthz to 503 ahead of Shutdown, so a load balancer
 // stops sending traffic while live connections are still served.
 func (rt *Router) SetDraining() { rt.draining.Store(true) }
-
-// captureWriter lets Accept hijack the connection while keeping the raw
-// net.Conn, which the router needs for write deadlines and to drop a
-// connection whose close handshake stalls.
-type captureWriter struct {
-	http.ResponseWriter
-	nc net.Conn
-}
-
-func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	nc, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
-	if err != nil {
-		return nil, nil, err
-	}
-	w.nc = nc
-	return nc, brw, nil
-}

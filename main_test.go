@@ -1,0 +1,199 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+)
+
+func TestFlagsFromEnvironment(t *testing.T) {
+	t.Setenv("WSROUTER_GC_GRACE", "5s")
+	t.Setenv("WSROUTER_MAX_MEMBERS", "7")
+	t.Setenv("WSROUTER_ALLOWED_ORIGINS", "a.example, *.b.example")
+	t.Setenv("WSROUTER_MAX_REGISTRATIONS", "11")
+
+	o, err := parseFlags([]string{"-max-registrations", "12"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		got  any
+		want any
+	}{
+		{"env duration", o.router.Registry.GCGrace, 5 * time.Second},
+		{"env int", o.router.Registry.MaxMembers, 7},
+		{"flag wins over env", o.router.Registry.MaxRegistrations, 12},
+		{"default", o.router.WriteTimeout, 10 * time.Second},
+		{"env list", strings.Join(o.router.AllowedOrigins, "|"), "a.example|*.b.example"},
+	}
+	for _, tt := range tests {
+		if tt.got != tt.want {
+			t.Errorf("%s: got %v, want %v", tt.name, tt.got, tt.want)
+		}
+	}
+}
+
+func TestFlagErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		env  [2]string
+		args []string
+	}{
+		{name: "bad env value", env: [2]string{"WSROUTER_PING_INTERVAL", "soon"}},
+		{name: "bad bcrypt cost", args: []string{"-bcrypt-cost", "3"}},
+		{name: "bad log format", args: []string{"-log-format", "xml"}},
+		{name: "stray argument", args: []string{"serve"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.env[0] != "" {
+				t.Setenv(tt.env[0], tt.env[1])
+			}
+			err := run(t.Context(), append(tt.args, "-addr", "127.0.0.1:0"), io.Discard, io.Discard)
+			if err == nil {
+				t.Fatal("got nil error, want one")
+			}
+		})
+	}
+}
+
+// startProgram runs the whole program on a loopback port and returns its
+// base URL, its log lines and a stop function that returns run's error.
+func startProgram(t *testing.T, args ...string) (string, <-chan string, func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, append([]string{"-addr", "127.0.0.1:0", "-log-format", "json"}, args...), io.Discard, pw)
+		pw.Close()
+	}()
+	lines := make(chan string, 1000)
+	addr := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			var rec struct{ Msg, Addr string }
+			json.Unmarshal(sc.Bytes(), &rec)
+			if rec.Msg == "listening" {
+				addr <- rec.Addr
+			}
+			select {
+			case lines <- sc.Text():
+			default:
+			}
+		}
+		close(lines)
+	}()
+	stop := sync.OnceValue(func() error {
+		cancel()
+		select {
+		case err := <-done:
+			return err
+		case <-time.After(15 * time.Second):
+			return errors.New("run did not return")
+		}
+	})
+	select {
+	case a := <-addr:
+		t.Cleanup(func() { stop() })
+		return "http://" + a, lines, stop
+	case err := <-done:
+		t.Fatalf("run: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("program did not start")
+	}
+	return "", nil, nil
+}
+
+func TestProgramEndToEnd(t *testing.T) {
+	// The environment configures the whole program, not just parseFlags.
+	t.Setenv("WSROUTER_BCRYPT_COST", "4")
+	t.Setenv("WSROUTER_LOG_LEVEL", "debug")
+	base, lines, stop := startProgram(t, "-max-registrations", "1")
+
+	q := url.Values{"key": {"the-key"}, "host_key": {"the-host-key"}, "reg_type": {"lobby"}}
+	resp, err := http.Get(base + "/register?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("register: got %d", resp.StatusCode)
+	}
+	// The registry's flags reach the registry.
+	resp, err = http.Get(base + "/register?" + q.Encode())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 503 {
+		t.Fatalf("register beyond -max-registrations 1: got %d, want 503", resp.StatusCode)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	wsBase := "ws" + strings.TrimPrefix(base, "http")
+	join := url.Values{"id": {string(id)}, "key": {"the-key"}}.Encode()
+	a, _, err := websocket.Dial(ctx, wsBase+"/connect?"+join, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _, err := websocket.Dial(ctx, wsBase+"/connect?"+join, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Write(ctx, websocket.MessageText, []byte("payload-secret")); err != nil {
+		t.Fatal(err)
+	}
+	if _, m, err := b.Read(ctx); err != nil || string(m) != "payload-secret" {
+		t.Fatalf("got %q %v, want payload-secret", m, err)
+	}
+
+	// SIGINT/SIGTERM cancel run's context: every member gets 1001 and run
+	// returns nil.
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	for _, c := range []*websocket.Conn{a, b} {
+		_, _, err := c.Read(ctx)
+		if got := websocket.CloseStatus(err); got != websocket.StatusGoingAway {
+			t.Fatalf("got close %v (%v), want 1001", got, err)
+		}
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("run returned %v, want nil", err)
+	}
+
+	// Logs are JSON at debug level, carry the connection's registration,
+	// and never a key or a payload.
+	sawConn := false
+	for line := range lines {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("log line %q is not JSON", line)
+		}
+		for _, secret := range []string{"the-key", "the-host-key", "payload-secret"} {
+			if strings.Contains(line, secret) {
+				t.Fatalf("log line %q contains %q", line, secret)
+			}
+		}
+		if rec["reg"] == string(id) && rec["conn"] != nil && rec["role"] == "member" {
+			sawConn = true
+		}
+	}
+	if !sawConn {
+		t.Error("no log line carried reg, role and conn")
+	}
+}

@@ -1,0 +1,99 @@
+package router
+
+import (
+	"bufio"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// wireConn is the hijacked socket under a member's WebSocket. While the
+// writer drains a batch it is corked: the frames coder/websocket flushes are
+// gathered and go out in one write system call when the batch ends. Without
+// it every message to every receiver is its own system call, which is where
+// a plain coder/websocket broadcaster spends most of its CPU. Frames stay
+// whole and separate; only the system calls are shared. Control frames that
+// other goroutines write meanwhile (pongs, pings) join the batch in order,
+// as coder/websocket serialises frame writes.
+type wireConn struct {
+	net.Conn
+
+	mu     sync.Mutex
+	corked bool   // guarded by mu
+	buf    []byte // guarded by mu; pending bytes while corked
+}
+
+// Write implements io.Writer for coder/websocket's buffered writer.
+func (w *wireConn) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	if w.corked {
+		w.buf = append(w.buf, p...)
+		w.mu.Unlock()
+		return len(p), nil
+	}
+	w.mu.Unlock()
+	return w.Conn.Write(p)
+}
+
+func (w *wireConn) cork() {
+	w.mu.Lock()
+	w.corked = true
+	if w.buf == nil {
+		w.buf = *(bufPool.Get().(*[]byte))
+	}
+	w.mu.Unlock()
+}
+
+// uncork writes what the batch gathered, in one system call, under the write
+// deadline.
+func (w *wireConn) uncork(timeout time.Duration) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.corked = false
+	buf := w.buf
+	w.buf = nil
+	if len(buf) == 0 {
+		putBuf(buf)
+		return nil
+	}
+	// Holding mu across the write keeps a concurrent pong from overtaking
+	// the batch; it waits at most the deadline.
+	w.Conn.SetWriteDeadline(time.Now().Add(timeout))
+	_, err := w.Conn.Write(buf)
+	putBuf(buf)
+	return err
+}
+
+// bufPool holds batch buffers: a connection only holds one while it writes.
+var bufPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, 16<<10)
+	return &b
+}}
+
+func putBuf(b []byte) {
+	if cap(b) > 1<<20 {
+		return // let an outsized buffer go
+	}
+	b = b[:0]
+	bufPool.Put(&b)
+}
+
+// captureWriter lets websocket.Accept hijack the connection while the router
+// keeps the raw socket: it wraps it in a wireConn and gives coder/websocket a
+// writer on top of that.
+type captureWriter struct {
+	http.ResponseWriter
+	wc *wireConn
+}
+
+func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil {
+		return nil, nil, err
+	}
+	w.wc = &wireConn{Conn: nc}
+	// net/http has flushed the 101 before handing over the socket, and its
+	// writer is empty, so replacing it loses nothing.
+	return w.wc, bufio.NewReadWriter(brw.Reader, bufio.NewWriterSize(w.wc, 4096)), nil
+}
