@@ -46,6 +46,8 @@ type conn struct {
 	// queue closes the connection as a slow consumer.
 	queue *sendQueue
 
+	gone chan struct{} // closed when the connection has ended
+
 	closeOnce   sync.Once
 	closing     chan struct{} // closed by Close
 	closeCode   int           // written once before closing is closed
@@ -72,6 +74,7 @@ func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn 
 		log:     rt.log.With("reg", reg.ID, "role", role.String(), "conn", id),
 		queue:   newSendQueue(rt.cfg.SendQueueBytes),
 		closing: make(chan struct{}),
+		gone:    make(chan struct{}),
 	}
 }
 
@@ -94,6 +97,16 @@ func (c *conn) Close(code int, reason string) {
 	})
 }
 
+// isGone reports whether the connection has ended.
+func (c *conn) isGone() bool {
+	select {
+	case <-c.gone:
+		return true
+	default:
+		return false
+	}
+}
+
 // serve runs the connection until it ends. The context derives from the
 // router's base context, never from the request's.
 func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
@@ -112,6 +125,10 @@ func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
 	cancel()
 	<-done
 	ws.CloseNow()
+	close(c.gone)
+	if c.role == registry.RoleHost {
+		c.rt.relay.hostLeft(c)
+	}
 	c.log.Debug("left", "why", closeDescription(err))
 }
 
@@ -130,6 +147,9 @@ func (c *conn) readLoop(ctx context.Context) error {
 		}
 		msg := registry.Message{Binary: typ == websocket.MessageBinary, Data: data}
 		c.rt.metrics.messageIn(msg)
+		if c.role == registry.RoleHost && !msg.Binary && c.rt.relay.hostFrame(c.reg, data) {
+			continue // a relay reply goes to its caller only
+		}
 		n := c.reg.Broadcast(c, c.role, msg)
 		c.rt.metrics.messagesOut(msg, n)
 	}
@@ -201,17 +221,33 @@ func (c *conn) closeHandshake() {
 }
 
 // ping sends one ping and drops the connection if no pong arrives within the
-// ping timeout. A peer that does not answer pings is dead or stuck; a close
-// handshake with it would only wait, so the socket is simply closed (the
-// peer, if it ever looks, sees 1006).
+// ping timeout, or if the ping could not be written. A peer that does not
+// answer pings is dead or stuck; a close handshake with it would only wait,
+// so the socket is simply closed (the peer, if it ever looks, sees 1006).
 func (c *conn) ping(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, c.rt.cfg.PingTimeout)
 	defer cancel()
 	err := c.ws.Ping(ctx)
-	if err != nil && errors.Is(err, context.DeadlineExceeded) {
-		c.log.Debug("ping timeout")
-		c.rt.noteClose(codePingTimeout)
+	switch {
+	case err == nil, c.isClosing(), errors.Is(err, net.ErrClosed):
+		// Answered, or the connection is ending anyway.
+	case errors.Is(err, context.Canceled):
+		// The connection's context ended: it is going.
+	default:
+		c.log.Debug("ping failed", "err", err)
+		if errors.Is(err, context.DeadlineExceeded) {
+			c.rt.noteClose(codePingTimeout)
+		}
 		c.wc.Close()
+	}
+}
+
+func (c *conn) isClosing() bool {
+	select {
+	case <-c.closing:
+		return true
+	default:
+		return false
 	}
 }
 

@@ -44,10 +44,12 @@ func newTestServer(t *testing.T, cfg Config) *testServer {
 	if cfg.Registry.BcryptCost == 0 {
 		cfg.Registry.BcryptCost = 4 // bcrypt.MinCost: keep tests fast
 	}
-	cfg.Registry.OnRemove = func(_ *registry.Registration, c registry.Cause) { ts.removed <- c }
-	cfg.Registry.OnKeyCheck = func(how registry.KeyCheck, _ time.Duration) { ts.checks <- how }
+	// Hooks never block the server: a test that cares reads promptly, and
+	// one that does not (thousands of requests) must not wedge it.
+	cfg.Registry.OnRemove = func(_ *registry.Registration, c registry.Cause) { offer(ts.removed, c) }
+	cfg.Registry.OnKeyCheck = func(how registry.KeyCheck, _ time.Duration) { offer(ts.checks, how) }
 	ts.rt = New(cfg, nil)
-	ts.rt.onClose = func(code int) { ts.closes <- code }
+	ts.rt.onClose = func(code int) { offer(ts.closes, code) }
 	ts.Server = httptest.NewServer(ts.rt)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
@@ -56,6 +58,13 @@ func newTestServer(t *testing.T, cfg Config) *testServer {
 		ts.Server.Close()
 	})
 	return ts
+}
+
+func offer[T any](ch chan T, v T) {
+	select {
+	case ch <- v:
+	default:
+	}
 }
 
 func (ts *testServer) wsURL(path string, q url.Values) string {

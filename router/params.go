@@ -3,8 +3,10 @@ package router
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
+	"strings"
 
 	"wsrouter/registry"
 )
@@ -56,20 +58,46 @@ type params struct {
 	vals url.Values
 }
 
-// readParams parses the request's parameters. A form body over maxFormBytes
-// is a 413, a malformed one a 400.
+// readParams parses the request's parameters: the query string and, for a
+// POST or DELETE, a urlencoded form body (net/http parses DELETE bodies
+// only for POST, PUT and PATCH, so DELETE is read here). A form body over
+// maxFormBytes is a 413, a malformed one a 400.
 func readParams(w http.ResponseWriter, r *http.Request) (*params, error) {
-	if r.Method == http.MethodPost || r.Method == http.MethodDelete || r.Method == http.MethodPut {
+	tooBig := func(err error) bool {
+		var mb *http.MaxBytesError
+		return errors.As(err, &mb)
+	}
+	if r.Method == http.MethodPost || r.Method == http.MethodDelete {
 		r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
 	}
 	if err := r.ParseForm(); err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
+		if tooBig(err) {
 			return nil, errTooLarge
 		}
 		return nil, paramError("malformed parameters")
 	}
+	if r.Method == http.MethodDelete && isForm(r) {
+		b, err := io.ReadAll(r.Body)
+		if err != nil {
+			if tooBig(err) {
+				return nil, errTooLarge
+			}
+			return nil, paramError("malformed parameters")
+		}
+		body, err := url.ParseQuery(string(b))
+		if err != nil {
+			return nil, paramError("malformed parameters")
+		}
+		for k, vs := range body {
+			r.Form[k] = append(r.Form[k], vs...)
+		}
+	}
 	return &params{r: r, vals: r.Form}, nil
+}
+
+func isForm(r *http.Request) bool {
+	ct, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";")
+	return strings.EqualFold(strings.TrimSpace(ct), "application/x-www-form-urlencoded")
 }
 
 // get returns the single value of name, or "" when absent. A repeated

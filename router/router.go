@@ -41,6 +41,15 @@ type Config struct {
 	// path.Match, e.g. "*.example.com") that may open WebSockets; empty
 	// means any.
 	AllowedOrigins []string
+	// RelayTimeout is how long a relay request waits for its host's reply;
+	// 0 means 10 s. Then the caller gets 504.
+	RelayTimeout time.Duration
+	// RelayMaxBody bounds a relayed request body and a reply body once
+	// decoded, in bytes; 0 means 1 MiB.
+	RelayMaxBody int64
+	// RelayMaxPending bounds the relay requests waiting on one
+	// registration; 0 means 100. Past it callers get 429.
+	RelayMaxPending int
 	// Registry configures the router's registry. Its OnRemove and
 	// OnKeyCheck hooks are called after the router's own metrics hooks.
 	Registry registry.Config
@@ -62,6 +71,15 @@ func (c *Config) setDefaults() {
 	if c.PingTimeout <= 0 {
 		c.PingTimeout = 30 * time.Second
 	}
+	if c.RelayTimeout <= 0 {
+		c.RelayTimeout = 10 * time.Second
+	}
+	if c.RelayMaxBody <= 0 {
+		c.RelayMaxBody = 1 << 20
+	}
+	if c.RelayMaxPending <= 0 {
+		c.RelayMaxPending = 100
+	}
 }
 
 // Router is wsrouter's HTTP and WebSocket edge. It implements http.Handler.
@@ -71,6 +89,7 @@ type Router struct {
 	log     *slog.Logger
 	mux     *httprouter.Router
 	metrics *metrics
+	relay   *relay
 
 	baseCtx    context.Context // parent of every connection's context
 	cancelBase context.CancelFunc
@@ -92,10 +111,16 @@ func New(cfg Config, log *slog.Logger) *Router {
 		log = slog.New(slog.DiscardHandler)
 	}
 	m := newMetrics()
+	rt := &Router{cfg: cfg, log: log, metrics: m}
+	rt.relay = &relay{rt: rt}
 	regCfg := cfg.Registry
 	onRemove, onKeyCheck := regCfg.OnRemove, regCfg.OnKeyCheck
 	regCfg.OnRemove = func(r *registry.Registration, c registry.Cause) {
 		m.removedBy(c)
+		if c != registry.CauseShutdown {
+			log.Info("removed", "reg", r.ID, "cause", c.String())
+		}
+		rt.relay.removed(r, c)
 		if onRemove != nil {
 			onRemove(r, c)
 		}
@@ -106,9 +131,8 @@ func New(cfg Config, log *slog.Logger) *Router {
 			onKeyCheck(how, d)
 		}
 	}
-	reg := registry.New(regCfg)
-	m.registerLive(reg)
-	rt := &Router{cfg: cfg, reg: reg, log: log, metrics: m}
+	rt.reg = registry.New(regCfg)
+	m.registerLive(rt.reg)
 	rt.baseCtx, rt.cancelBase = context.WithCancel(context.Background())
 
 	mux := httprouter.New()
@@ -117,6 +141,17 @@ func New(cfg Config, log *slog.Logger) *Router {
 	mux.RedirectFixedPath = false
 	mux.NotFound = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "not found", http.StatusNotFound)
+	})
+	// Browsers preflight a cross-origin request that carries X-Key or uses
+	// DELETE; answer it so pages on other origins can use every endpoint.
+	mux.GlobalOPTIONS = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Access-Control-Request-Method") != "" {
+			h := w.Header()
+			h.Set("Access-Control-Allow-Methods", h.Get("Allow"))
+			h.Set("Access-Control-Allow-Headers", "X-Key, X-Host-Key, Content-Type, Authorization")
+			h.Set("Access-Control-Max-Age", "86400")
+		}
+		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.MethodNotAllowed = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// httprouter has already set Allow.
@@ -130,6 +165,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 		mux.HandlerFunc(m, "/remove", rt.serveRemove)
 	}
 	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)
+	mux.HandlerFunc(http.MethodHead, "/healthz", rt.serveHealth)
 	mux.Handler(http.MethodGet, "/metrics", m.handler())
 	rt.mux = mux
 	return rt
@@ -139,6 +175,11 @@ func New(cfg Config, log *slog.Logger) *Router {
 func (rt *Router) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// Credentials are keys, not cookies, so any page may call us (SPEC §2).
 	w.Header().Set("Access-Control-Allow-Origin", "*")
+	if strings.HasPrefix(r.URL.Path, "/relay/") {
+		// Any method, so not through httprouter's per-method table.
+		rt.relay.ServeHTTP(w, r)
+		return
+	}
 	rt.mux.ServeHTTP(w, r)
 }
 
@@ -250,7 +291,6 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	reg.Remove()
-	rt.log.Info("removed", "reg", reg.ID)
 	return nil
 }
 
@@ -260,6 +300,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	defer rt.conns.Done()
 	defer c.reg.Leave(c)
 
 	// The member joined before the upgrade response is written, so it
@@ -276,7 +317,6 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		c.log.Debug("upgrade failed", "err", err)
 		return
 	}
-	defer rt.conns.Done()
 	c.serve(ws, cw.wc)
 }
 
@@ -405,6 +445,6 @@ func (rt *Router) originAllowed(r *http.Request) bool {
 	return false
 }
 
-// SetDraining turns /healthz to 503 ahead of Shutdown, so a load balancer
-// stops sending traffic while live connections are still served.
+// SetDraining turns /healthz to 503 and refuses new registrations, joins
+// and relays with 503, ahead of Shutdown.
 func (rt *Router) SetDraining() { rt.draining.Store(true) }

@@ -621,3 +621,88 @@ func TestShutdown(t *testing.T) {
 		t.Fatalf("register while shutting down: got %d, want 503", code)
 	}
 }
+
+// TestIdleAfterWriteSurvivesPings guards against a batch's write deadline
+// outliving the batch: pings and pongs written later would then fail, and
+// the member would be dropped on its next message.
+func TestIdleAfterWriteSurvivesPings(t *testing.T) {
+	ts := newTestServer(t, Config{PingInterval: 10 * time.Millisecond, WriteTimeout: 30 * time.Millisecond})
+	id := ts.register(t, "lobby")
+	pings := make(chan struct{}, 1000)
+	q := url.Values{"id": {id}, "key": {testKey}}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	r, _, err := websocket.Dial(ctx, ts.wsURL("/connect", q), &websocket.DialOptions{
+		OnPingReceived: func(context.Context, []byte) bool { pings <- struct{}{}; return true },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.CloseNow()
+	s := ts.dial(t, id, "")
+	write(t, s, "first")
+	expectNext(t, r, "first")
+	// Ten pings at 10 ms are well past the 30 ms write timeout of the
+	// batch that carried "first". r reads meanwhile, so it answers them.
+	got := make(chan string, 1)
+	go func() {
+		_, b, err := r.Read(ctx)
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		got <- string(b)
+	}()
+	for range 10 {
+		select {
+		case <-pings:
+		case <-ctx.Done():
+			t.Fatal("pings stopped")
+		}
+	}
+	write(t, s, "second")
+	if m := <-got; m != "second" {
+		t.Fatalf("got %q, want second", m)
+	}
+}
+
+// TestFailedUpgradeDoesNotHoldShutdown: a request that looks like an
+// upgrade but fails in Accept must not leave Shutdown waiting for it.
+func TestFailedUpgradeDoesNotHoldShutdown(t *testing.T) {
+	ts := newTestServer(t, Config{Registry: registry.Config{GCGrace: time.Hour}})
+	id := ts.register(t, "lobby")
+	hdr := http.Header{"Connection": {"Upgrade"}, "Upgrade": {"websocket"}, "Sec-Websocket-Version": {"13"}, "Sec-Websocket-Key": {"x"}}
+	q := url.Values{"id": {id}, "key": {testKey}}
+	if code, _, _ := ts.do(t, "GET", "/connect?"+q.Encode(), nil, hdr); code < 400 {
+		t.Fatalf("got %d, want a refusal from Accept", code)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := ts.rt.Shutdown(ctx); err != nil {
+		t.Fatalf("Shutdown: %v, want it to finish", err)
+	}
+}
+
+func TestRemoveByDeleteForm(t *testing.T) {
+	ts := newTestServer(t, Config{})
+	id := ts.register(t, "lobby")
+	form := url.Values{"id": {id}, "key": {testKey}, "host_key": {testHostKey}}
+	hdr := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
+	if code, body, _ := ts.do(t, "DELETE", "/remove", strings.NewReader(form.Encode()), hdr); code != 200 {
+		t.Fatalf("got %d %q, want 200", code, body)
+	}
+}
+
+func TestCORSPreflight(t *testing.T) {
+	ts := newTestServer(t, Config{})
+	hdr := http.Header{"Origin": {"https://app.example"}, "Access-Control-Request-Method": {"DELETE"}, "Access-Control-Request-Headers": {"x-key"}}
+	code, _, h := ts.do(t, "OPTIONS", "/remove", nil, hdr)
+	if code != 204 || h.Get("Access-Control-Allow-Origin") != "*" ||
+		!strings.Contains(h.Get("Access-Control-Allow-Methods"), "DELETE") ||
+		!strings.Contains(h.Get("Access-Control-Allow-Headers"), "X-Key") {
+		t.Fatalf("got %d %v, want 204 allowing DELETE and X-Key from any origin", code, h)
+	}
+	if code, _, _ := ts.do(t, "HEAD", "/healthz", nil, nil); code != 200 {
+		t.Fatalf("HEAD /healthz: got %d, want 200", code)
+	}
+}

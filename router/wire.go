@@ -61,6 +61,10 @@ func (w *wireConn) uncork(timeout time.Duration) error {
 	// the batch; it waits at most the deadline.
 	w.Conn.SetWriteDeadline(time.Now().Add(timeout))
 	_, err := w.Conn.Write(buf)
+	// Clear it again: control frames written between batches (pongs,
+	// pings) carry coder/websocket's own timeouts and must not inherit an
+	// expired deadline.
+	w.Conn.SetWriteDeadline(time.Time{})
 	putBuf(buf)
 	return err
 }
