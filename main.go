@@ -56,6 +56,9 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&rc.WriteTimeout, "write-timeout", 10*time.Second, "deadline for every write, close frames included")
 	fs.DurationVar(&rc.PingInterval, "ping-interval", 30*time.Second, "how often the server pings each member (negative: never)")
 	fs.DurationVar(&rc.PingTimeout, "ping-timeout", 30*time.Second, "how long a ping may go unanswered before the member is dropped")
+	fs.DurationVar(&rc.RelayTimeout, "relay-timeout", 10*time.Second, "how long a relay request waits for the device's reply (then 504)")
+	fs.Int64Var(&rc.RelayMaxBody, "relay-max-body", 1<<20, "largest relayed request body, and reply body once decoded, in bytes (then 413 / 502)")
+	fs.IntVar(&rc.RelayMaxPending, "relay-max-pending", 100, "most relay requests waiting on one registration (then 429)")
 	fs.StringVar(&o.origins, "allowed-origins", "", "comma-separated browser origin host patterns allowed to connect (empty: any)")
 
 	fs.IntVar(&gc.BcryptCost, "bcrypt-cost", 10, "bcrypt cost for keys")

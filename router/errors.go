@@ -65,6 +65,11 @@ func status(err error) (int, string) {
 // writeError answers err as a one-line text/plain body with its status.
 func writeError(w http.ResponseWriter, err error) {
 	code, msg := status(err)
+	writeStatus(w, err, code, msg)
+}
+
+// writeStatus answers with code and msg, adding Retry-After for a rate limit.
+func writeStatus(w http.ResponseWriter, err error, code int, msg string) {
 	var rl *errRateLimited
 	if errors.As(err, &rl) {
 		secs := int((rl.retry + time.Second - 1) / time.Second)

@@ -1,0 +1,49 @@
+// Package router is wsrouter's network edge: the HTTP endpoints, the
+// WebSocket accept, each member's reader and writer, and the metrics. It maps
+// the registry's errors to HTTP statuses and close codes in one place
+// (errors.go). The README at the repository root documents the API for users,
+// with examples; ../shared/SPEC.md is the contract.
+//
+// # Endpoints
+//
+//   - /register (GET or POST, query or form): key, host_key, reg_type
+//     (hostclient or lobby) and an optional id_req. Answers the id as plain
+//     text, or {"id":…,"reg_type":…} for Accept: application/json.
+//   - /connect (GET, WebSocket upgrade): id, key and, in a hostclient
+//     registration, sock_type (host or client). The upgrade response carries
+//     the member's connection id in X-Connection-Id.
+//   - /remove (GET, POST or DELETE): id, key and host_key. Closes every
+//     member with 4000.
+//   - /healthz: 200 "ok" while serving, 503 once shutdown began.
+//   - /metrics: Prometheus text.
+//
+// Keys may come from the query or form, or from the X-Key and X-Host-Key
+// headers; a parameter wins over the header. Every refusal is an HTTP status
+// with a one-line text/plain body before any upgrade, never a 101 followed by
+// a close.
+//
+// # Roles and forwarding
+//
+// In a lobby every member's message goes to every other member. In a
+// hostclient registration a host's message goes to every client and a
+// client's to every host. A sender never gets its own message back; text
+// stays text, binary stays binary, and messages from one sender reach each
+// receiver in the order sent. Control frames are never forwarded.
+//
+// Each member has a send queue bounded in bytes (payload plus 64 per message;
+// Config.SendQueueBytes). Fan-out never blocks: a receiver whose queue would
+// overflow is closed with 4008 and the others carry on.
+//
+// # Close codes
+//
+//	1000  normal (the server echoes a peer's own close)
+//	1001  server shutting down
+//	1008  policy (reserved: credentials revoked while connected)
+//	1009  message over Config.MaxMessage, sent to its sender
+//	1011  internal error (reserved)
+//	4000  registration removed
+//	4008  slow consumer
+//
+// A member that does not answer a ping within Config.PingTimeout is dropped
+// without a close frame; its peer sees 1006.
+package router

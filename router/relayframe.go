@@ -1,0 +1,299 @@
+package router
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/textproto"
+	"net/url"
+	"strings"
+	"unicode/utf8"
+)
+
+// relayRequest is the text frame a relayed HTTP request becomes (SPEC §7).
+type relayRequest struct {
+	RID          string            `json:"rid"`
+	Method       string            `json:"method"`
+	Path         string            `json:"path"`
+	Query        map[string]any    `json:"query,omitempty"`
+	Headers      map[string]string `json:"headers,omitempty"`
+	Body         *string           `json:"body,omitempty"`
+	BodyEncoding string            `json:"body_encoding,omitempty"`
+}
+
+// hopHeaders are the hop-by-hop headers of RFC 9110 §7.6.1 (plus the
+// de-facto Proxy-Connection and Keep-Alive): they concern one connection and
+// never cross the relay, either way.
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// dropRequestHeaders never reach the device: credentials of the router
+// (X-Key, X-Host-Key) and the browser's cookies for the router's origin.
+var dropRequestHeaders = []string{"Cookie", "X-Key", "X-Host-Key"}
+
+// encodeRelayRequest turns an HTTP request (its body already read) into the
+// frame for the device. path is the part after /relay/{id}; query has the
+// key already removed.
+func encodeRelayRequest(rid, method, path string, query url.Values, h http.Header, body []byte) ([]byte, error) {
+	f := relayRequest{RID: rid, Method: method, Path: path}
+	if len(query) > 0 {
+		f.Query = make(map[string]any, len(query))
+		for k, vs := range query {
+			if len(vs) == 1 {
+				f.Query[k] = vs[0]
+			} else {
+				f.Query[k] = vs
+			}
+		}
+	}
+	if hs := endToEnd(h, dropRequestHeaders); len(hs) > 0 {
+		f.Headers = make(map[string]string, len(hs))
+		for k, vs := range hs {
+			f.Headers[k] = strings.Join(vs, ", ")
+		}
+	}
+	if len(body) > 0 {
+		var s string
+		if utf8.Valid(body) {
+			s = string(body)
+		} else {
+			s = base64.StdEncoding.EncodeToString(body)
+			f.BodyEncoding = "base64"
+		}
+		f.Body = &s
+	}
+	return json.Marshal(f)
+}
+
+// endToEnd returns the headers of h that may cross the relay: in canonical
+// form, without hop-by-hop headers, those the Connection header names, and
+// drop.
+func endToEnd(h http.Header, drop []string) http.Header {
+	skip := map[string]bool{}
+	for _, k := range hopHeaders {
+		skip[k] = true
+	}
+	for _, k := range drop {
+		skip[k] = true
+	}
+	for _, v := range h.Values("Connection") {
+		for name := range strings.SplitSeq(v, ",") {
+			if name = strings.TrimSpace(name); name != "" {
+				skip[textproto.CanonicalMIMEHeaderKey(name)] = true
+			}
+		}
+	}
+	out := http.Header{}
+	for k, vs := range h {
+		ck := textproto.CanonicalMIMEHeaderKey(k)
+		if skip[ck] || len(vs) == 0 {
+			continue
+		}
+		out[ck] = append(out[ck], vs...)
+	}
+	return out
+}
+
+// relayResponse is a device's answer mapped to HTTP.
+type relayResponse struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+// errBadReply means the device answered with a frame whose fields cannot be
+// used: the caller gets 502.
+var errBadReply = errors.New("unusable relay reply")
+
+// typeNames maps the reply's short type names to Content-Types (SPEC §7).
+var typeNames = map[string]string{
+	"html": "text/html; charset=utf-8",
+	"text": "text/plain; charset=utf-8",
+	"json": "application/json",
+	"xml":  "application/xml",
+	"css":  "text/css; charset=utf-8",
+	"js":   "text/javascript; charset=utf-8",
+	"raw":  "application/octet-stream",
+}
+
+// replyReserved are the keys of a reply that are never part of a legacy
+// body.
+var replyReserved = map[string]bool{"rid": true, "status": true, "type": true, "headers": true, "encoding": true}
+
+// parseRelayReply maps a device's reply, already decoded into its fields, to
+// an HTTP response (SPEC §7). maxBody bounds the decoded body.
+func parseRelayReply(fields map[string]json.RawMessage, maxBody int64) (*relayResponse, error) {
+	resp := &relayResponse{status: http.StatusOK, header: http.Header{}}
+
+	if raw, ok := fields["status"]; ok {
+		// Only a JSON number counts: json.Number would also take "404".
+		raw = bytes.TrimSpace(raw)
+		if len(raw) > 0 && raw[0] != '"' {
+			if v, err := json.Number(raw).Int64(); err == nil && v >= 100 && v <= 599 {
+				if v < 200 {
+					// A 1xx cannot be the final status of an HTTP
+					// response, so the reply is unusable.
+					return nil, fmt.Errorf("%w: status %d", errBadReply, v)
+				}
+				resp.status = int(v)
+			}
+		}
+	}
+
+	var encoding string
+	if raw, ok := fields["encoding"]; ok {
+		json.Unmarshal(raw, &encoding) // a non-string encoding is no encoding
+	}
+
+	// The body: content as a string (maybe base64), content as a JSON
+	// value, or the legacy form of every other key.
+	isJSON := false
+	if raw, ok := fields["content"]; ok {
+		var s string
+		if err := json.Unmarshal(raw, &s); err == nil {
+			if encoding == "base64" {
+				b, err := decodeBase64(s)
+				if err != nil {
+					return nil, fmt.Errorf("%w: content is not base64", errBadReply)
+				}
+				resp.body = b
+			} else {
+				resp.body = []byte(s)
+			}
+		} else {
+			resp.body = bytes.TrimSpace(raw)
+			isJSON = true
+		}
+	} else {
+		legacy := make(map[string]json.RawMessage, len(fields))
+		for k, v := range fields {
+			if !replyReserved[k] {
+				legacy[k] = v
+			}
+		}
+		b, err := json.Marshal(legacy)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %v", errBadReply, err)
+		}
+		resp.body = b
+		isJSON = true
+	}
+	if int64(len(resp.body)) > maxBody {
+		return nil, fmt.Errorf("%w: body of %d bytes over %d", errBadReply, len(resp.body), maxBody)
+	}
+
+	if raw, ok := fields["headers"]; ok {
+		if err := copyReplyHeaders(resp.header, raw); err != nil {
+			return nil, err
+		}
+	}
+
+	var typ string
+	if raw, ok := fields["type"]; ok {
+		json.Unmarshal(raw, &typ)
+	}
+	switch ct, known := typeNames[typ]; {
+	case known:
+		resp.header.Set("Content-Type", ct)
+	case typ == "image":
+		resp.header.Set("Content-Type", http.DetectContentType(resp.body))
+	case strings.Contains(typ, "/") && validHeaderValue(typ):
+		resp.header.Set("Content-Type", typ)
+	case resp.header.Get("Content-Type") != "":
+		// No usable type: the reply's own Content-Type header stands.
+	case isJSON:
+		resp.header.Set("Content-Type", "application/json")
+	default:
+		resp.header.Set("Content-Type", "text/plain; charset=utf-8")
+	}
+	return resp, nil
+}
+
+func decodeBase64(s string) ([]byte, error) {
+	if b, err := base64.StdEncoding.DecodeString(s); err == nil {
+		return b, nil
+	}
+	return base64.RawStdEncoding.DecodeString(s)
+}
+
+// copyReplyHeaders copies a reply's headers object into h: each value a
+// string or an array of strings. Hop-by-hop headers, Set-Cookie (the device
+// must not set cookies on the router's origin) and Content-Length (the
+// router computes it) are dropped, as is anything that is not a valid header
+// field.
+func copyReplyHeaders(h http.Header, raw json.RawMessage) error {
+	var hs map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &hs); err != nil {
+		return fmt.Errorf("%w: headers is not an object", errBadReply)
+	}
+	in := http.Header{}
+	for k, v := range hs {
+		if !validHeaderName(k) {
+			continue
+		}
+		var one string
+		var many []string
+		switch {
+		case json.Unmarshal(v, &one) == nil:
+			many = []string{one}
+		case json.Unmarshal(v, &many) == nil:
+		default:
+			continue
+		}
+		for _, s := range many {
+			if validHeaderValue(s) {
+				in.Add(k, s)
+			}
+		}
+	}
+	for k, vs := range endToEnd(in, []string{"Set-Cookie", "Content-Length"}) {
+		h[k] = vs
+	}
+	return nil
+}
+
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func validHeaderValue(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < ' ' && c != '\t') || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// replyFields decodes a host text frame as a relay reply candidate: a JSON
+// object with a string rid. ok is false for anything else, which is then
+// forwarded to clients as usual.
+func replyFields(data []byte) (rid string, fields map[string]json.RawMessage, ok bool) {
+	// Cheap refusal first: most host frames are not replies.
+	trimmed := bytes.TrimLeft(data, " \t\r\n")
+	if len(trimmed) == 0 || trimmed[0] != '{' || !bytes.Contains(data, []byte(`"rid"`)) {
+		return "", nil, false
+	}
+	if err := json.Unmarshal(data, &fields); err != nil {
+		return "", nil, false
+	}
+	raw, found := fields["rid"]
+	if !found || len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &rid) != nil {
+		return "", nil, false
+	}
+	return rid, fields, true
+}

@@ -1,0 +1,120 @@
+package router
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"net/url"
+	"testing"
+	"unicode/utf8"
+)
+
+// FuzzRelayReply feeds arbitrary host frames through the reply path. A frame
+// is either not a reply (forwarded), or a reply that maps to a response
+// within the limits, or an unusable one (502) — never a panic.
+func FuzzRelayReply(f *testing.F) {
+	for _, s := range []string{
+		`{"rid":"r","status":200,"type":"html","content":"<h1>on</h1>"}`,
+		`{"rid":"r","content":"AAEC","encoding":"base64","type":"image"}`,
+		`{"rid":"r","temp":21,"headers":{"X-A":["b","c"],"Set-Cookie":"x"}}`,
+		`{"rid":"r","status":"404","content":{"a":[1,2]}}`,
+		`{"rid":1}`, `[1,2]`, `{"rid":"r","status":150}`, `  {"rid":"r","content":null}`,
+	} {
+		f.Add([]byte(s))
+	}
+	const maxBody = 4096
+	f.Fuzz(func(t *testing.T, data []byte) {
+		rid, fields, ok := replyFields(data)
+		if !ok {
+			return
+		}
+		var check map[string]any
+		if json.Unmarshal(data, &check) != nil {
+			t.Fatalf("accepted a frame that is not a JSON object: %q", data)
+		}
+		if check["rid"] != rid {
+			t.Fatalf("got rid %q, want %v", rid, check["rid"])
+		}
+		resp, err := parseRelayReply(fields, maxBody)
+		if err != nil {
+			if !errors.Is(err, errBadReply) {
+				t.Fatalf("error %v is not errBadReply", err)
+			}
+			return
+		}
+		if resp.status < 200 || resp.status > 599 {
+			t.Fatalf("status %d", resp.status)
+		}
+		if len(resp.body) > maxBody {
+			t.Fatalf("body of %d bytes over %d", len(resp.body), maxBody)
+		}
+		if resp.header.Get("Content-Type") == "" {
+			t.Fatal("no Content-Type")
+		}
+		for k, vs := range resp.header {
+			if k == "Set-Cookie" || k == "Connection" || k == "Transfer-Encoding" || !validHeaderName(k) {
+				t.Fatalf("header %q passed", k)
+			}
+			for _, v := range vs {
+				if !validHeaderValue(v) {
+					t.Fatalf("header %s value %q passed", k, v)
+				}
+			}
+		}
+	})
+}
+
+// FuzzRelayRequest checks that any request turns into a frame from which the
+// device gets back exactly the body, method, path and query.
+func FuzzRelayRequest(f *testing.F) {
+	f.Add("GET", "/status", "led=on&led=off&x=", "Accept", "*/*", []byte(nil))
+	f.Add("POST", "/", "", "Content-Type", "text/plain", []byte("héllo"))
+	f.Add("PUT", "/a/b", "q=%00", "X-Bin", "v", []byte{0xff, 0xfe, 0})
+	f.Fuzz(func(t *testing.T, method, path, rawQuery, hname, hval string, body []byte) {
+		query, _ := url.ParseQuery(rawQuery)
+		h := http.Header{}
+		if validHeaderName(hname) && validHeaderValue(hval) {
+			h.Set(hname, hval)
+		}
+		h.Set("Cookie", "c=1")
+		h.Set("X-Key", "k")
+		b, err := encodeRelayRequest("0123", method, path, query, h, body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got relayRequest
+		if err := json.Unmarshal(b, &got); err != nil {
+			t.Fatalf("frame is not JSON: %v", err)
+		}
+		// encoding/json turns invalid UTF-8 into U+FFFD (a path may hold
+		// it after percent-decoding); valid input comes back exactly.
+		if utf8.ValidString(method+path) && (got.Method != method || got.Path != path) {
+			t.Fatalf("got %q %q, want %q %q", got.Method, got.Path, method, path)
+		}
+		var gotBody []byte
+		if got.Body != nil {
+			if got.BodyEncoding == "base64" {
+				gotBody, err = base64.StdEncoding.DecodeString(*got.Body)
+				if err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				gotBody = []byte(*got.Body)
+			}
+		}
+		if !bytes.Equal(gotBody, body) {
+			t.Fatalf("got body %q, want %q", gotBody, body)
+		}
+		if _, ok := got.Headers["Cookie"]; ok {
+			t.Fatal("Cookie passed")
+		}
+		if _, ok := got.Headers["X-Key"]; ok {
+			t.Fatal("X-Key passed")
+		}
+		if len(got.Query) != len(query) {
+			t.Fatalf("got %d query names, want %d", len(got.Query), len(query))
+		}
+	})
+}
