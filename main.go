@@ -59,6 +59,16 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&rc.RelayTimeout, "relay-timeout", 10*time.Second, "how long a relay request waits for the device's reply (then 504)")
 	fs.Int64Var(&rc.RelayMaxBody, "relay-max-body", 1<<20, "largest relayed request body, and reply body once decoded, in bytes (then 413 / 502)")
 	fs.IntVar(&rc.RelayMaxPending, "relay-max-pending", 100, "most relay requests waiting on one registration (then 429)")
+	limit := func(l *router.Limit, name string, rate float64, burst int, what string) {
+		fs.Float64Var(&l.Rate, "rate-"+name, rate, what+" per second per client IP (0: no limit)")
+		fs.IntVar(&l.Burst, "burst-"+name, burst, "burst for -rate-"+name)
+	}
+	limit(&rc.RateRegister, "register", 2, 20, "registrations")
+	limit(&rc.RateConnect, "connect", 10, 50, "connects")
+	limit(&rc.RateRelay, "relay", 20, 100, "relay requests")
+	limit(&rc.RateBadKey, "badkey", 0.2, 10, "failed key checks allowed")
+	fs.StringVar(&rc.TrustProxy, "trust-proxy", "", "header set by a reverse proxy in front whose last address is the client IP, e.g. X-Forwarded-For (empty: the socket's address)")
+	fs.StringVar(&rc.AdminToken, "admin-token", "", "bearer token that enables /stats (empty: no /stats)")
 	fs.StringVar(&o.origins, "allowed-origins", "", "comma-separated browser origin host patterns allowed to connect (empty: any)")
 
 	fs.IntVar(&gc.BcryptCost, "bcrypt-cost", 10, "bcrypt cost for keys")

@@ -50,9 +50,29 @@ type Config struct {
 	// RelayMaxPending bounds the relay requests waiting on one
 	// registration; 0 means 100. Past it callers get 429.
 	RelayMaxPending int
+	// Per-client-IP rate limits (SPEC §8); a zero Rate turns one off.
+	RateRegister, RateConnect, RateRelay Limit
+	// RateBadKey is the failed-key bucket: each wrong key or host key on
+	// /connect, /remove or /relay takes a token, and an address with none
+	// left is refused (429) even with the right key until it refills.
+	RateBadKey Limit
+	// TrustProxy names a header set by a reverse proxy in front (e.g.
+	// X-Forwarded-For) whose last address is the client IP; empty means the
+	// socket's address.
+	TrustProxy string
+	// AdminToken enables /stats for requests bearing it; empty means no
+	// /stats.
+	AdminToken string
 	// Registry configures the router's registry. Its OnRemove and
 	// OnKeyCheck hooks are called after the router's own metrics hooks.
 	Registry registry.Config
+}
+
+// Limit is a token bucket: Rate tokens per second up to Burst. A zero Rate
+// means no limit.
+type Limit struct {
+	Rate  float64
+	Burst int
 }
 
 func (c *Config) setDefaults() {
