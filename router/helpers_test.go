@@ -209,3 +209,6 @@ func waitFor[T any](t *testing.T, ch <-chan T, what string, f func(T) bool) {
 		}
 	}
 }
+
+// regCfgKeep keeps emptied registrations for the test's duration.
+func regCfgKeep() registry.Config { return registry.Config{GCGrace: time.Hour} }

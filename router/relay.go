@@ -230,6 +230,9 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	if rt.draining.Load() {
 		return nil, errShuttingDown
 	}
+	if err := rt.allow(rt.limits.relay, "relay", r); err != nil {
+		return nil, err
+	}
 	id, path, ok := splitRelayPath(r.URL.Path)
 	if !ok || !validID(id) {
 		return nil, paramError("malformed relay path: want /relay/{id}/{path}")
@@ -252,7 +255,7 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	if reg.Type != registry.HostClient {
 		return nil, errNotHostClient
 	}
-	if err := reg.CheckKey(r.Context(), key); err != nil {
+	if err := rt.checkKey(r, "relay", reg, key); err != nil {
 		return nil, err
 	}
 

@@ -110,6 +110,7 @@ type Router struct {
 	mux     *httprouter.Router
 	metrics *metrics
 	relay   *relay
+	limits  *limits
 
 	baseCtx    context.Context // parent of every connection's context
 	cancelBase context.CancelFunc
@@ -133,6 +134,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	m := newMetrics()
 	rt := &Router{cfg: cfg, log: log, metrics: m}
 	rt.relay = &relay{rt: rt}
+	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry
 	onRemove, onKeyCheck := regCfg.OnRemove, regCfg.OnKeyCheck
 	regCfg.OnRemove = func(r *registry.Registration, c registry.Cause) {
@@ -154,6 +156,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	rt.reg = registry.New(regCfg)
 	m.registerLive(rt.reg)
 	rt.baseCtx, rt.cancelBase = context.WithCancel(context.Background())
+	go rt.sweepLimits()
 
 	mux := httprouter.New()
 	mux.HandleMethodNotAllowed = true
@@ -187,6 +190,9 @@ func New(cfg Config, log *slog.Logger) *Router {
 	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)
 	mux.HandlerFunc(http.MethodHead, "/healthz", rt.serveHealth)
 	mux.Handler(http.MethodGet, "/metrics", m.handler())
+	if cfg.AdminToken != "" {
+		mux.HandlerFunc(http.MethodGet, "/stats", rt.serveStats)
+	}
 	rt.mux = mux
 	return rt
 }
@@ -222,6 +228,9 @@ func (rt *Router) serveRegister(w http.ResponseWriter, r *http.Request) {
 func (rt *Router) register(w http.ResponseWriter, r *http.Request) error {
 	if rt.draining.Load() {
 		return errShuttingDown
+	}
+	if err := rt.allow(rt.limits.register, "register", r); err != nil {
+		return err
 	}
 	p, err := readParams(w, r)
 	if err != nil {
@@ -303,10 +312,18 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	if err := rt.keyLockout(r, "remove"); err != nil {
+		return err
+	}
 	// Both keys are always checked, so the time taken does not tell which
 	// one was wrong.
 	errKey := reg.CheckKey(r.Context(), key)
 	errHost := reg.CheckHostKey(r.Context(), hostKey)
+	for _, e := range []error{errKey, errHost} {
+		if errors.Is(e, registry.ErrForbidden) {
+			rt.keyFailed(r)
+		}
+	}
 	if err := errors.Join(errKey, errHost); err != nil {
 		return err
 	}
@@ -347,6 +364,9 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	if rt.draining.Load() {
 		return nil, errShuttingDown
 	}
+	if err := rt.allow(rt.limits.connect, "connect", r); err != nil {
+		return nil, err
+	}
 	p, err := readParams(w, r)
 	if err != nil {
 		return nil, err
@@ -373,7 +393,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := reg.CheckKey(r.Context(), key); err != nil {
+	if err := rt.checkKey(r, "connect", reg, key); err != nil {
 		return nil, err
 	}
 
@@ -391,6 +411,18 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// checkKey checks a member key under the failed-key lockout.
+func (rt *Router) checkKey(r *http.Request, endpoint string, reg *registry.Registration, key string) error {
+	if err := rt.keyLockout(r, endpoint); err != nil {
+		return err
+	}
+	err := reg.CheckKey(r.Context(), key)
+	if errors.Is(err, registry.ErrForbidden) {
+		rt.keyFailed(r)
+	}
+	return err
 }
 
 // isUpgrade reports whether r asks for a WebSocket upgrade, so that a plain
@@ -438,6 +470,21 @@ func (rt *Router) Shutdown(ctx context.Context) error {
 		// Abort whatever is still running: reads fail, sockets close.
 		rt.cancelBase()
 		return ctx.Err()
+	}
+}
+
+// sweepLimits forgets idle rate-limit entries once a minute until the router
+// shuts down, so a limiter's memory follows its live clients.
+func (rt *Router) sweepLimits() {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			rt.limits.sweep()
+		case <-rt.baseCtx.Done():
+			return
+		}
 	}
 }
 

@@ -1,0 +1,80 @@
+package router
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"net/http"
+	"strings"
+	"time"
+
+	"wsrouter/registry"
+)
+
+// statsReply is the JSON of /stats. It never carries keys or hashes.
+type statsReply struct {
+	Totals        statsTotals `json:"totals"`
+	Registrations []regStats  `json:"registrations"`
+}
+
+type statsTotals struct {
+	Registrations int            `json:"registrations"`
+	ByType        map[string]int `json:"registrations_by_type"`
+	Members       map[string]int `json:"members_by_role"`
+	MessagesIn    uint64         `json:"messages_in"`
+	MessagesOut   uint64         `json:"messages_out"`
+	RelayPending  int            `json:"relay_pending"`
+}
+
+type regStats struct {
+	ID          string         `json:"id"`
+	Type        string         `json:"type"`
+	Members     map[string]int `json:"members_by_role"`
+	Created     time.Time      `json:"created"`
+	LastActive  time.Time      `json:"last_active"`
+	MessagesIn  uint64         `json:"messages_in"`
+	MessagesOut uint64         `json:"messages_out"`
+}
+
+// serveStats answers /stats for the admin token's bearer only (SPEC §8).
+// Without an admin token the route does not exist (404).
+func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || subtle.ConstantTimeCompare([]byte(token), []byte(rt.cfg.AdminToken)) != 1 {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="wsrouter"`)
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+		return
+	}
+	reply := statsReply{
+		Totals: statsTotals{
+			ByType:  map[string]int{"hostclient": 0, "lobby": 0},
+			Members: map[string]int{"host": 0, "client": 0, "member": 0},
+		},
+		Registrations: []regStats{},
+	}
+	rt.reg.Each(func(reg *registry.Registration) {
+		hosts, clients, members := reg.Counts()
+		in, out, last := reg.Stats()
+		rs := regStats{
+			ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC(), LastActive: last.UTC(),
+			MessagesIn: in, MessagesOut: out,
+		}
+		if reg.Type == registry.Lobby {
+			rs.Members = map[string]int{"member": members}
+		} else {
+			rs.Members = map[string]int{"host": hosts, "client": clients}
+		}
+		t := &reply.Totals
+		t.Registrations++
+		t.ByType[rs.Type]++
+		t.Members["host"] += hosts
+		t.Members["client"] += clients
+		t.Members["member"] += members
+		t.MessagesIn += in
+		t.MessagesOut += out
+		reply.Registrations = append(reply.Registrations, rs)
+	})
+	reply.Totals.RelayPending = rt.relay.pendingCount()
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	json.NewEncoder(w).Encode(reply)
+}
