@@ -1,6 +1,7 @@
 package router
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -136,8 +137,13 @@ func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
 // closes.
 func (c *conn) readLoop(ctx context.Context) error {
 	c.ws.SetReadLimit(c.rt.cfg.MaxMessage)
+	// Reads take a background context: with a cancellable one,
+	// coder/websocket arms and disarms a context.AfterFunc for every frame.
+	// Closing the socket when ctx ends unblocks the read just the same.
+	stop := context.AfterFunc(ctx, func() { c.wc.Close() })
+	defer stop()
 	for {
-		typ, data, err := c.ws.Read(ctx)
+		typ, data, err := c.readMessage()
 		if err != nil {
 			if errors.Is(err, websocket.ErrMessageTooBig) {
 				// coder/websocket has already sent 1009.
@@ -154,6 +160,35 @@ func (c *conn) readLoop(ctx context.Context) error {
 		c.rt.metrics.messagesOut(msg, n)
 	}
 }
+
+// readMessage reads one message into a pooled scratch buffer and returns an
+// exactly sized copy: one allocation per message whatever its size, where
+// reading into a growing slice would allocate several times for a large
+// one. The copy is what every receiver shares.
+func (c *conn) readMessage() (websocket.MessageType, []byte, error) {
+	typ, r, err := c.ws.Reader(context.Background())
+	if err != nil {
+		return 0, nil, err
+	}
+	buf := scratchPool.Get().(*bytes.Buffer)
+	defer func() {
+		if buf.Cap() <= maxPooledScratch {
+			buf.Reset()
+			scratchPool.Put(buf)
+		}
+	}()
+	if _, err := buf.ReadFrom(r); err != nil {
+		return 0, nil, err
+	}
+	return typ, bytes.Clone(buf.Bytes()), nil
+}
+
+// scratchPool holds read buffers: a connection holds one only while it reads
+// a message, so idle connections keep none.
+var scratchPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+// maxPooledScratch keeps a rare huge message from pinning its buffer.
+const maxPooledScratch = 64 << 10
 
 // writeLoop is the only writer of the connection. It also pings.
 func (c *conn) writeLoop(ctx context.Context) {

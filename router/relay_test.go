@@ -447,7 +447,7 @@ func TestRelayNoLeaks(t *testing.T) {
 	const perPath = 400
 	ctx, cancel := context.WithTimeout(context.Background(), 4*testTimeout)
 	defer cancel()
-	get := func(id, path string, ctx context.Context) int {
+	get := func(ts *testServer, id, path string, ctx context.Context) int {
 		req, _ := http.NewRequestWithContext(ctx, "GET", ts.URL+relayURL(id, path, nil), nil)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -488,23 +488,26 @@ func TestRelayNoLeaks(t *testing.T) {
 		}
 		return ""
 	})
-	parallel(perPath, func(int) { tally("/answer", get(id, "/answer", ctx)) })
-	parallel(perPath, func(int) { tally("/timeout", get(id, "/timeout", ctx)) })
+	parallel(perPath, func(int) { tally("/answer", get(ts, id, "/answer", ctx)) })
+	parallel(perPath, func(int) { tally("/timeout", get(ts, id, "/timeout", ctx)) })
 	parallel(perPath, func(int) {
 		cctx, ccancel := context.WithTimeout(ctx, 5*time.Millisecond)
 		defer ccancel()
-		tally("/gone-caller", get(id, "/gone-caller", cctx))
+		tally("/gone-caller", get(ts, id, "/gone-caller", cctx))
 	})
 
 	// Host gone and registration removed: a batch of requests is pending
-	// when the host (then the registration) goes.
+	// when the host (then the registration) goes. A long relay timeout here,
+	// so that none of them can end by timing out first.
+	ts2 := newTestServer(t, Config{RelayMaxPending: 10000})
 	for _, how := range []string{"host", "remove"} {
+		ts := ts2
 		id := ts.register(t, "hostclient")
 		ts.dial(t, id, "client")
 		dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
 		done := make(chan struct{})
 		go func() {
-			parallel(perPath, func(int) { tally("/"+how, get(id, "/"+how, ctx)) })
+			parallel(perPath, func(int) { tally("/"+how, get(ts, id, "/"+how, ctx)) })
 			close(done)
 		}()
 		for range 20 {
@@ -519,7 +522,7 @@ func TestRelayNoLeaks(t *testing.T) {
 		<-done
 	}
 
-	if p := ts.rt.relay.pendingCount(); p != 0 {
+	if p := ts.rt.relay.pendingCount() + ts2.rt.relay.pendingCount(); p != 0 {
 		t.Fatalf("got %d pending after %d requests, want 0 (outcomes %v)", p, 5*perPath, counts)
 	}
 	if counts["/answer"][200] != perPath {

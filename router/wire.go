@@ -99,5 +99,7 @@ func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	w.wc = &wireConn{Conn: nc}
 	// net/http has flushed the 101 before handing over the socket, and its
 	// writer is empty, so replacing it loses nothing.
-	return w.wc, bufio.NewReadWriter(brw.Reader, bufio.NewWriterSize(w.wc, 4096)), nil
+	// The writer can be small: corked frames gather in wireConn anyway,
+	// and a payload larger than the buffer passes through it uncopied.
+	return w.wc, bufio.NewReadWriter(brw.Reader, bufio.NewWriterSize(w.wc, 512)), nil
 }
