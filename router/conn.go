@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"time"
@@ -32,10 +33,11 @@ const (
 	codePingTimeout = -1
 )
 
-// conn is one member: a WebSocket joined to a registration. The handler's
-// goroutine reads; one writer goroutine is the only caller of Write. The
-// reader returning cancels the connection's context, the writer returns,
-// and the handler leaves the registration: one exit path.
+// conn is one member: a WebSocket joined to a registration. One goroutine
+// reads; a writer goroutine, started only while there is something to write,
+// is the only caller of Write; a timer pings. The reader returning ends the
+// connection: the socket closes, no writer may start any more, the running
+// one returns, and the member leaves its registration — one exit path.
 type conn struct {
 	rt   *Router
 	id   string
@@ -50,13 +52,13 @@ type conn struct {
 	gone chan struct{} // closed when the connection has ended
 
 	closeOnce   sync.Once
-	closing     chan struct{} // closed by Close
-	closeCode   int           // written once before closing is closed
-	closeReason string        // likewise
+	closeCode   int    // written once, before the close request
+	closeReason string // likewise
 
-	// Set before the writer starts, then read-only.
-	ws *websocket.Conn
-	wc *wireConn
+	// Set before writers may start, then read-only.
+	ctx context.Context // ends with the connection or the router
+	ws  *websocket.Conn
+	wc  *wireConn
 }
 
 func newConnID() string {
@@ -68,21 +70,25 @@ func newConnID() string {
 func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn {
 	id := newConnID()
 	return &conn{
-		rt:      rt,
-		id:      id,
-		reg:     reg,
-		role:    role,
-		log:     rt.log.With("reg", reg.ID, "role", role.String(), "conn", id),
-		queue:   newSendQueue(rt.cfg.SendQueueBytes),
-		closing: make(chan struct{}),
-		gone:    make(chan struct{}),
+		rt:    rt,
+		id:    id,
+		reg:   reg,
+		role:  role,
+		log:   rt.log.With("reg", reg.ID, "role", role.String(), "conn", id),
+		queue: newSendQueue(rt.cfg.SendQueueBytes),
+		gone:  make(chan struct{}),
 	}
 }
 
 // Send implements registry.Member. It never blocks.
 func (c *conn) Send(msg registry.Message) {
-	if !c.queue.push(msg) {
+	ok, start := c.queue.push(msg)
+	if !ok {
 		c.Close(codeSlowConsumer, "slow consumer")
+		return
+	}
+	if start {
+		go c.writeLoop()
 	}
 }
 
@@ -91,10 +97,12 @@ func (c *conn) Send(msg registry.Message) {
 func (c *conn) Close(code int, reason string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeReason = code, reason
-		close(c.closing)
 		// Counted when decided: the frame itself may wait for a stalled
 		// write to finish or time out.
 		c.rt.noteClose(code)
+		if c.queue.requestClose() {
+			go c.writeLoop()
+		}
 	})
 }
 
@@ -111,21 +119,29 @@ func (c *conn) isGone() bool {
 // serve runs the connection until it ends. The context derives from the
 // router's base context, never from the request's.
 func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
-	c.ws, c.wc = ws, wc
 	ctx, cancel := context.WithCancel(c.rt.baseCtx)
 	defer cancel()
+	c.ctx, c.ws, c.wc = ctx, ws, wc
 
 	c.log.Debug("joined")
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		c.writeLoop(ctx)
-	}()
+	// Messages and a close request may have queued before the upgrade.
+	if c.queue.openWriters() {
+		go c.writeLoop()
+	}
+	var pinger *time.Timer
+	if c.rt.cfg.PingInterval > 0 {
+		// Armed far away first so the callback sees pinger assigned.
+		pinger = time.AfterFunc(math.MaxInt64, func() { c.ping(pinger) })
+		pinger.Reset(c.rt.cfg.PingInterval)
+	}
 
 	err := c.readLoop(ctx)
 	cancel()
-	<-done
-	ws.CloseNow()
+	if pinger != nil {
+		pinger.Stop()
+	}
+	ws.CloseNow() // unblocks a writer stuck in a write
+	c.queue.closeWriters()
 	close(c.gone)
 	if c.role == registry.RoleHost {
 		c.rt.relay.hostLeft(c)
@@ -190,40 +206,29 @@ var scratchPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // maxPooledScratch keeps a rare huge message from pinning its buffer.
 const maxPooledScratch = 64 << 10
 
-// writeLoop is the only writer of the connection. It also pings.
-func (c *conn) writeLoop(ctx context.Context) {
-	var ping <-chan time.Time
-	if c.rt.cfg.PingInterval > 0 {
-		t := time.NewTicker(c.rt.cfg.PingInterval)
-		defer t.Stop()
-		ping = t.C
-	}
+// writeLoop is the connection's writer while there is work: it sends a
+// requested close frame first, otherwise drains the queue batch by batch,
+// and returns when the queue is empty.
+func (c *conn) writeLoop() {
+	defer c.queue.writerDone()
 	var batch []registry.Message
 	for {
-		select {
-		case <-c.queue.ready:
-			// A pending close goes first: a removed or slow member is
-			// closed at once, not after its backlog.
-			select {
-			case <-c.closing:
-				c.closeHandshake()
-				return
-			default:
-			}
-			batch = c.queue.take(batch)
-			if err := c.writeBatch(batch); err != nil {
-				c.log.Debug("write failed", "err", err)
-				c.wc.Close()
-				return
-			}
-		case <-c.closing:
+		msgs, closeReq := c.queue.next(batch)
+		if closeReq {
 			c.closeHandshake()
 			return
-		case <-ping:
-			go c.ping(ctx)
-		case <-ctx.Done():
+		}
+		if msgs == nil {
 			return
 		}
+		if err := c.writeBatch(msgs); err != nil {
+			c.log.Debug("write failed", "err", err)
+			c.wc.Close()
+			// Keep the writer's turn: the queue stays marked as
+			// draining, so no new writer starts on a dead socket.
+			return
+		}
+		batch = msgs
 	}
 }
 
@@ -255,34 +260,28 @@ func (c *conn) closeHandshake() {
 	c.ws.Close(websocket.StatusCode(c.closeCode), c.closeReason)
 }
 
-// ping sends one ping and drops the connection if no pong arrives within the
-// ping timeout, or if the ping could not be written. A peer that does not
+// ping sends one ping, from the ping timer's goroutine, and drops the
+// connection if no pong arrives within the ping timeout or the ping could
+// not be written; otherwise it re-arms the timer. A peer that does not
 // answer pings is dead or stuck; a close handshake with it would only wait,
 // so the socket is simply closed (the peer, if it ever looks, sees 1006).
-func (c *conn) ping(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, c.rt.cfg.PingTimeout)
+func (c *conn) ping(t *time.Timer) {
+	ctx, cancel := context.WithTimeout(c.ctx, c.rt.cfg.PingTimeout)
 	defer cancel()
 	err := c.ws.Ping(ctx)
 	switch {
-	case err == nil, c.isClosing(), errors.Is(err, net.ErrClosed):
-		// Answered, or the connection is ending anyway.
-	case errors.Is(err, context.Canceled):
-		// The connection's context ended: it is going.
+	case err == nil:
+		if c.ctx.Err() == nil {
+			t.Reset(c.rt.cfg.PingInterval)
+		}
+	case c.ctx.Err() != nil, errors.Is(err, net.ErrClosed):
+		// The connection is ending anyway.
 	default:
 		c.log.Debug("ping failed", "err", err)
 		if errors.Is(err, context.DeadlineExceeded) {
 			c.rt.noteClose(codePingTimeout)
 		}
 		c.wc.Close()
-	}
-}
-
-func (c *conn) isClosing() bool {
-	select {
-	case <-c.closing:
-		return true
-	default:
-		return false
 	}
 }
 

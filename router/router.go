@@ -337,12 +337,10 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	defer rt.conns.Done()
-	defer c.reg.Leave(c)
 
 	// The member joined before the upgrade response is written, so it
 	// receives every message sent after that (SPEC §4); they wait in its
-	// queue until the writer starts.
+	// queue until the socket is up.
 	cw := &captureWriter{ResponseWriter: w}
 	cw.Header().Set("X-Connection-Id", c.id)
 	ws, err := websocket.Accept(cw, r, &websocket.AcceptOptions{
@@ -352,9 +350,20 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		// Accept has answered the request.
 		c.log.Debug("upgrade failed", "err", err)
+		c.reg.Leave(c)
+		rt.conns.Done()
 		return
 	}
-	c.serve(ws, cw.wc)
+	// The connection is read by a goroutine of its own rather than by this
+	// handler's: once the handler returns, net/http lets go of its
+	// per-connection state (a 4 KiB write buffer that a hijacked connection
+	// never uses, the request, a deep stack). That is most of what an idle
+	// member would otherwise cost.
+	go func() {
+		defer rt.conns.Done()
+		defer c.reg.Leave(c)
+		c.serve(ws, cw.wc)
+	}()
 }
 
 // admit runs every check of /connect that can refuse with a status, joins the

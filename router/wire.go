@@ -2,6 +2,8 @@ package router
 
 import (
 	"bufio"
+	"bytes"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -83,6 +85,13 @@ func putBuf(b []byte) {
 	bufPool.Put(&b)
 }
 
+// Per-connection buffer sizes: they are held for the connection's whole life,
+// so they are what an idle member costs.
+const (
+	connReadBuffer  = 1024
+	connWriteBuffer = 512
+)
+
 // captureWriter lets websocket.Accept hijack the connection while the router
 // keeps the raw socket: it wraps it in a wireConn and gives coder/websocket a
 // writer on top of that.
@@ -97,9 +106,19 @@ func (w *captureWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		return nil, nil, err
 	}
 	w.wc = &wireConn{Conn: nc}
-	// net/http has flushed the 101 before handing over the socket, and its
-	// writer is empty, so replacing it loses nothing.
-	// The writer can be small: corked frames gather in wireConn anyway,
-	// and a payload larger than the buffer passes through it uncopied.
-	return w.wc, bufio.NewReadWriter(brw.Reader, bufio.NewWriterSize(w.wc, 512)), nil
+	// Fresh, small buffers instead of net/http's 4 KiB ones, which stay
+	// with the request's handler. Bytes the client sent after its upgrade
+	// request may already sit in net/http's reader: they are carried over.
+	// A small read buffer costs no extra system call for a message larger
+	// than it (bufio reads those straight into the destination), and
+	// corked frames gather in wireConn, so the writer can be small too.
+	br := bufio.NewReaderSize(w.wc, connReadBuffer)
+	if n := brw.Reader.Buffered(); n > 0 {
+		early, _ := brw.Reader.Peek(n)
+		// They must sit in the returned reader's buffer: Accept takes
+		// what is buffered there and resets the reader.
+		br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), w.wc), max(n, connReadBuffer))
+		br.Peek(n)
+	}
+	return w.wc, bufio.NewReadWriter(br, bufio.NewWriterSize(w.wc, connWriteBuffer)), nil
 }
