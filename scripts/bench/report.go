@@ -1,0 +1,231 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"sort"
+	"strings"
+)
+
+// Servers under test.
+const (
+	kindWsrouter  = "wsrouter"
+	kindReference = "reference"
+)
+
+// result is what one run of a scenario measured on one server.
+type result struct {
+	// figures are the numbers that get medians and ratios. Names carry
+	// their unit (_per_s, _us, _ms, _mb, _kb).
+	figures map[string]float64
+	// notes are everything else worth keeping: close codes seen, errors
+	// by kind, server metrics.
+	notes map[string]any
+	// anomalies are one-line descriptions of what should not have
+	// happened (loss, unexpected closes, failed connects, server log
+	// errors).
+	anomalies []string
+}
+
+func newResult() *result {
+	return &result{figures: map[string]float64{}, notes: map[string]any{}}
+}
+
+// set records a figure, to 6 significant digits: more would be noise.
+func (r *result) set(name string, v float64) { r.figures[name] = roundSig(v, 6) }
+
+// roundSig rounds v to n significant digits.
+func roundSig(v float64, n int) float64 {
+	if v == 0 || math.IsNaN(v) || math.IsInf(v, 0) {
+		return v
+	}
+	return round(v, n-1-int(math.Floor(math.Log10(math.Abs(v)))))
+}
+
+func (r *result) anomaly(format string, args ...any) {
+	r.anomalies = append(r.anomalies, fmt.Sprintf(format, args...))
+}
+
+// targetRecord is one server's part of one run, as written to JSON.
+type targetRecord struct {
+	Figures   map[string]float64 `json:"figures,omitempty"`
+	Notes     map[string]any     `json:"notes,omitempty"`
+	Anomalies []string           `json:"anomalies,omitempty"`
+	Error     string             `json:"error,omitempty"`
+}
+
+func figuresOf(t *targetRecord) map[string]float64 {
+	if t == nil {
+		return nil
+	}
+	return t.Figures
+}
+
+// runRecord is one run: each server once, in Order.
+type runRecord struct {
+	Run     int                      `json:"run"`
+	Order   []string                 `json:"order"`
+	Targets map[string]*targetRecord `json:"targets"`
+	// Ratio is wsrouter's figure over the reference's, null where the
+	// reference's is 0 or either is missing.
+	Ratio map[string]*float64 `json:"ratio,omitempty"`
+}
+
+// report is the JSON line.
+type report struct {
+	Scenario   string              `json:"scenario"`
+	Started    string              `json:"started"`
+	Machine    map[string]any      `json:"machine"`
+	Params     map[string]any      `json:"params"`
+	Common     map[string]any      `json:"common"`
+	ServerArgs map[string][]string `json:"server_args"`
+	ServerEnv  []string            `json:"server_env"`
+	Runs       []runRecord         `json:"runs"`
+	// Median is, per server, the median of each figure over the runs
+	// that produced it, and their ratio.
+	Median    map[string]map[string]float64 `json:"median"`
+	Ratio     map[string]*float64           `json:"ratio"`
+	Anomalies []string                      `json:"anomalies"`
+}
+
+// summarise fills Median, Ratio and Anomalies from Runs.
+func (rep *report) summarise() {
+	rep.Median = map[string]map[string]float64{}
+	rep.Anomalies = []string{}
+	for _, kind := range []string{kindReference, kindWsrouter} {
+		vals := map[string][]float64{}
+		for _, rr := range rep.Runs {
+			t := rr.Targets[kind]
+			if t == nil {
+				continue
+			}
+			for k, v := range t.Figures {
+				vals[k] = append(vals[k], v)
+			}
+			for _, a := range t.Anomalies {
+				rep.Anomalies = append(rep.Anomalies, fmt.Sprintf("run %d %s: %s", rr.Run, kind, a))
+			}
+			if t.Error != "" {
+				rep.Anomalies = append(rep.Anomalies, fmt.Sprintf("run %d %s: error: %s", rr.Run, kind, t.Error))
+			}
+		}
+		if len(vals) == 0 {
+			continue
+		}
+		med := map[string]float64{}
+		for k, vs := range vals {
+			med[k] = median(vs)
+		}
+		rep.Median[kind] = med
+	}
+	rep.Ratio = ratios(rep.Median[kindWsrouter], rep.Median[kindReference])
+}
+
+// median returns the median of vs (the mean of the middle two for an even
+// count).
+func median(vs []float64) float64 {
+	s := append([]float64(nil), vs...)
+	sort.Float64s(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// ratios returns ws/ref for every figure of ws; nil (JSON null) where the
+// reference's is missing or 0, as no finite ratio exists.
+func ratios(ws, ref map[string]float64) map[string]*float64 {
+	if ws == nil || ref == nil {
+		return nil
+	}
+	out := map[string]*float64{}
+	for k, w := range ws {
+		r, ok := ref[k]
+		if !ok || r == 0 {
+			out[k] = nil
+			continue
+		}
+		v := round(w/r, 4)
+		out[k] = &v
+	}
+	return out
+}
+
+// round rounds v to n decimals after the point (n may be negative).
+func round(v float64, n int) float64 {
+	p := math.Pow(10, float64(n))
+	return math.Round(v*p) / p
+}
+
+// write prints the JSON line and then the human summary.
+func (rep *report) write(w io.Writer, title string) error {
+	b, err := json.Marshal(rep)
+	if err != nil {
+		return err
+	}
+	if _, err := fmt.Fprintf(w, "%s\n", b); err != nil {
+		return err
+	}
+
+	var sb strings.Builder
+	fmt.Fprintf(&sb, "\n%s — %v, %d run(s)%s\n", title, rep.Common["duration"], len(rep.Runs),
+		map[bool]string{true: ", medians", false: ""}[len(rep.Runs) > 1])
+	src := "unknown source"
+	if rev, ok := rep.Machine["server_vcs_revision"].(string); ok {
+		src = rev[:min(12, len(rev))]
+		if dirty, _ := rep.Machine["server_vcs_modified"].(bool); dirty {
+			src += "+changes"
+		}
+	}
+	fmt.Fprintf(&sb, "machine: %v × %v, load %v; %v (server %v, %s)\n",
+		rep.Machine["nproc"], rep.Machine["cpu_model"], rep.Machine["loadavg_at_start"],
+		rep.Machine["go_version"], rep.Machine["server_go_version"], src)
+	names := map[string]bool{}
+	for _, m := range rep.Median {
+		for k := range m {
+			names[k] = true
+		}
+	}
+	fmt.Fprintf(&sb, "%-30s %14s %14s %9s\n", "figure", kindReference, kindWsrouter, "ratio")
+	for _, k := range sortedKeys(names) {
+		fmt.Fprintf(&sb, "%-30s %14s %14s %9s\n", k,
+			fmtFig(rep.Median[kindReference], k), fmtFig(rep.Median[kindWsrouter], k), fmtRatio(rep.Ratio[k]))
+	}
+	if len(rep.Anomalies) == 0 {
+		sb.WriteString("anomalies: none\n")
+	} else {
+		sb.WriteString("anomalies:\n")
+		for _, a := range rep.Anomalies {
+			fmt.Fprintf(&sb, "  - %s\n", a)
+		}
+	}
+	_, err = io.WriteString(w, sb.String())
+	return err
+}
+
+func fmtFig(m map[string]float64, k string) string {
+	v, ok := m[k]
+	if !ok {
+		return "-"
+	}
+	switch a := math.Abs(v); {
+	case a == 0:
+		return "0"
+	case a >= 1000:
+		return fmt.Sprintf("%.0f", v)
+	case a >= 10:
+		return fmt.Sprintf("%.1f", v)
+	default:
+		return fmt.Sprintf("%.3g", v)
+	}
+}
+
+func fmtRatio(r *float64) string {
+	if r == nil {
+		return "-"
+	}
+	return fmt.Sprintf("%.2f", *r)
+}
