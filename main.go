@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"os"
 	"os/signal"
@@ -44,6 +45,7 @@ type options struct {
 	logFormat       string
 	logLevel        string
 	shutdownTimeout time.Duration
+	debugAddr       string
 
 	router  router.Config // router.Registry holds the registry's flags
 	origins string
@@ -78,6 +80,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&o.addr, "addr", ":8741", "listen address")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.StringVar(&o.debugAddr, "debug-addr", "", "listen address for Go's pprof profiles at /debug/pprof/ (empty: off; keep it on loopback)")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take")
 
 	rc, gc := &o.router, &o.router.Registry
@@ -231,6 +234,18 @@ func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
 	return nil, fmt.Errorf("-log-format %q: want text or json", format)
 }
 
+// debugHandler serves the pprof profiles, on a listener of their own so they
+// are never reachable through the public address.
+func debugHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
 // run is the whole program: it serves until ctx is done, then shuts down
 // gracefully. Logs go to stderr; stdout is unused but kept so that a test can
 // run the program exactly as main does.
@@ -291,6 +306,21 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	log.Info("listening", "addr", ln.Addr().String(), "tls", mode)
 	if hsrv != nil {
 		log.Info("redirecting http to https", "addr", hln.Addr().String(), "acme_http01", mode == "acme")
+	}
+
+	if o.debugAddr != "" {
+		dln, err := net.Listen("tcp", o.debugAddr)
+		if err != nil {
+			ln.Close()
+			if hln != nil {
+				hln.Close()
+			}
+			return err
+		}
+		dsrv := newServer(debugHandler())
+		go dsrv.Serve(dln)
+		defer dsrv.Close()
+		log.Info("debug listening", "addr", dln.Addr().String())
 	}
 
 	serveErr := make(chan error, 2)

@@ -206,20 +206,42 @@ var scratchPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // maxPooledScratch keeps a rare huge message from pinning its buffer.
 const maxPooledScratch = 64 << 10
 
+// writerLinger is how long a writer with nothing to write waits for more
+// before its goroutine exits: long enough that request/response traffic
+// keeps one writer, short enough that idle members hold none.
+const writerLinger = time.Second
+
 // writeLoop is the connection's writer while there is work: it sends a
 // requested close frame first, otherwise drains the queue batch by batch,
-// and returns when the queue is empty.
+// and parks when the queue is empty, returning if nothing comes within
+// writerLinger.
 func (c *conn) writeLoop() {
 	defer c.queue.writerDone()
 	var batch []registry.Message
+	var linger *time.Timer
 	for {
-		msgs, closeReq := c.queue.next(batch)
-		if closeReq {
+		msgs, step := c.queue.next(batch)
+		switch step {
+		case stepExit:
+			return
+		case stepClose:
 			c.closeHandshake()
 			return
-		}
-		if msgs == nil {
-			return
+		case stepPark:
+			if linger == nil {
+				linger = time.NewTimer(writerLinger)
+				defer linger.Stop()
+			} else {
+				linger.Reset(writerLinger)
+			}
+			select {
+			case <-c.queue.wake:
+			case <-linger.C:
+				if c.queue.retire() {
+					return
+				}
+			}
+			continue
 		}
 		if err := c.writeBatch(msgs); err != nil {
 			c.log.Debug("write failed", "err", err)

@@ -15,10 +15,13 @@ const msgOverhead = 64
 // holds messages, so an idle connection keeps no buffer.
 //
 // The queue also decides when a writer goroutine runs: one is started when
-// work arrives (a message or a close request) and none is running, and it
-// exits when it finds the queue empty. An idle connection so has no writer
-// goroutine and no stack for it. Deciding under the queue's own lock means a
-// wake-up can never be lost between "queue empty" and "writer gone".
+// work arrives (a message or a close request) and none is running. When it
+// finds the queue empty it parks for writerLinger, is woken by new work, and
+// exits if none comes. A connection idle for longer so has no writer
+// goroutine and no stack for it, while a busy one keeps its writer (and its
+// grown stack) instead of starting one per message. Deciding under the
+// queue's own lock means a wake-up can never be lost between "queue empty"
+// and "writer gone".
 type sendQueue struct {
 	max int // byte budget; immutable
 
@@ -26,18 +29,26 @@ type sendQueue struct {
 	msgs     []registry.Message // guarded by mu
 	bytes    int                // guarded by mu
 	open     bool               // guarded by mu; writers may run (the socket is up)
-	draining bool               // guarded by mu; a writer is running
+	draining bool               // guarded by mu; a writer is running (or parked)
+	parked   bool               // guarded by mu; the writer waits on wake
 	closeReq bool               // guarded by mu; a close frame is to be sent
 	writers  sync.WaitGroup     // Add under mu while open
+
+	wake chan struct{} // capacity 1: new work for a parked writer
 }
 
 func newSendQueue(max int) *sendQueue {
-	return &sendQueue{max: max}
+	return &sendQueue{max: max, wake: make(chan struct{}, 1)}
 }
 
-// startLocked reports whether the caller must start a writer, and counts it.
+// startLocked reports whether the caller must start a writer, and counts it;
+// a parked writer is woken instead.
 func (q *sendQueue) startLocked() bool {
-	if !q.open || q.draining || (len(q.msgs) == 0 && !q.closeReq) {
+	if !q.open || (len(q.msgs) == 0 && !q.closeReq) {
+		return false
+	}
+	if q.draining {
+		q.wakeLocked()
 		return false
 	}
 	q.draining = true
@@ -76,35 +87,69 @@ func (q *sendQueue) openWriters() (start bool) {
 	return q.startLocked()
 }
 
+func (q *sendQueue) wakeLocked() {
+	if q.parked {
+		q.parked = false
+		select {
+		case q.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
 // closeWriters stops new writers and waits for a running one to return.
 func (q *sendQueue) closeWriters() {
 	q.mu.Lock()
 	q.open = false
+	q.wakeLocked()
 	q.mu.Unlock()
 	q.writers.Wait()
 }
 
+// writerStep is what the writer does next.
+type writerStep int
+
+const (
+	stepWrite writerStep = iota // write the returned batch
+	stepClose                   // send the close frame, then return
+	stepPark                    // wait for wake or the linger to run out
+	stepExit                    // return: the connection has ended
+)
+
 // next is the writer's step: a close request first, then every queued
 // message at once (spare, emptied by the caller, becomes the new backing
-// array so a busy connection does not allocate per batch). When there is
-// nothing left it ends the writer's turn, and the writer must return.
-func (q *sendQueue) next(spare []registry.Message) (msgs []registry.Message, closeReq bool) {
+// array so a busy connection does not allocate per batch), else park.
+func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, writerStep) {
 	clear(spare[:cap(spare)]) // drop references to sent payloads
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.closeReq {
-		// The writer sends the close and returns; draining stays set so
-		// no other writer starts after it.
-		return nil, true
+	switch {
+	case !q.open:
+		return nil, stepExit
+	case q.closeReq:
+		// draining stays set, so no other writer starts after this one.
+		return nil, stepClose
+	case len(q.msgs) == 0:
+		q.parked = true
+		return nil, stepPark
 	}
-	if len(q.msgs) == 0 {
-		q.draining = false
-		return nil, false
-	}
-	msgs = q.msgs
+	msgs := q.msgs
 	q.msgs = spare[:0]
 	q.bytes = 0
-	return msgs, false
+	return msgs, stepWrite
+}
+
+// retire ends a parked writer's turn when its linger ran out, unless work
+// arrived meanwhile (then it was woken and must go on).
+func (q *sendQueue) retire() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.parked {
+		return false
+	}
+	q.parked = false
+	q.draining = false
+	return true
 }
 
 // writerDone accounts for a writer that returned.
