@@ -18,13 +18,11 @@ import (
 	"wsrouter/registry"
 )
 
-// Close codes of SPEC §4.
+// Close codes of SPEC §4 that the server sends. 1000 is only ever the echo
+// of a peer's own close; 1008 and 1011 have no cause in this version.
 const (
-	codeNormal       = 1000
 	codeGoingAway    = 1001
-	codePolicy       = 1008
 	codeTooBig       = 1009
-	codeInternal     = 1011
 	codeRemoved      = 4000
 	codeSlowConsumer = 4008
 
