@@ -34,7 +34,7 @@ type testServer struct {
 	checks  chan registry.KeyCheck
 }
 
-func newTestServer(t *testing.T, cfg Config) *testServer {
+func newTestServer(t testing.TB, cfg Config) *testServer {
 	t.Helper()
 	ts := &testServer{
 		closes:  make(chan int, 1024),
@@ -72,7 +72,7 @@ func (ts *testServer) wsURL(path string, q url.Values) string {
 }
 
 // register creates a registration and returns its id.
-func (ts *testServer) register(t *testing.T, regType string, extra ...string) string {
+func (ts *testServer) register(t testing.TB, regType string, extra ...string) string {
 	t.Helper()
 	q := url.Values{"key": {testKey}, "host_key": {testHostKey}, "reg_type": {regType}}
 	for i := 0; i+1 < len(extra); i += 2 {
@@ -86,7 +86,7 @@ func (ts *testServer) register(t *testing.T, regType string, extra ...string) st
 }
 
 // do makes one HTTP request and returns status, body and headers.
-func (ts *testServer) do(t *testing.T, method, path string, body io.Reader, hdr http.Header) (int, string, http.Header) {
+func (ts *testServer) do(t testing.TB, method, path string, body io.Reader, hdr http.Header) (int, string, http.Header) {
 	t.Helper()
 	req, err := http.NewRequest(method, ts.URL+path, body)
 	if err != nil {
@@ -109,7 +109,7 @@ func (ts *testServer) do(t *testing.T, method, path string, body io.Reader, hdr 
 
 // dial joins id with key as role ("" for a lobby) and fails the test on a
 // refusal.
-func (ts *testServer) dial(t *testing.T, id, role string) *websocket.Conn {
+func (ts *testServer) dial(t testing.TB, id, role string) *websocket.Conn {
 	t.Helper()
 	c, resp, err := ts.tryDial(t, id, testKey, role, nil)
 	if err != nil {
@@ -122,7 +122,7 @@ func (ts *testServer) dial(t *testing.T, id, role string) *websocket.Conn {
 	return c
 }
 
-func (ts *testServer) tryDial(t *testing.T, id, key, role string, hdr http.Header) (*websocket.Conn, *http.Response, error) {
+func (ts *testServer) tryDial(t testing.TB, id, key, role string, hdr http.Header) (*websocket.Conn, *http.Response, error) {
 	t.Helper()
 	q := url.Values{"id": {id}}
 	if key != "" {

@@ -22,8 +22,9 @@ type wireConn struct {
 	net.Conn
 
 	mu     sync.Mutex
-	corked bool   // guarded by mu
-	buf    []byte // guarded by mu; pending bytes while corked
+	corked bool    // guarded by mu
+	buf    []byte  // guarded by mu; pending bytes while corked
+	pooled *[]byte // guarded by mu; the pool's handle on buf
 }
 
 // Write implements io.Writer for coder/websocket's buffered writer.
@@ -41,8 +42,9 @@ func (w *wireConn) Write(p []byte) (int, error) {
 func (w *wireConn) cork() {
 	w.mu.Lock()
 	w.corked = true
-	if w.buf == nil {
-		w.buf = *(bufPool.Get().(*[]byte))
+	if w.pooled == nil {
+		w.pooled = bufPool.Get().(*[]byte)
+		w.buf = (*w.pooled)[:0]
 	}
 	w.mu.Unlock()
 }
@@ -54,9 +56,8 @@ func (w *wireConn) uncork(timeout time.Duration) error {
 	defer w.mu.Unlock()
 	w.corked = false
 	buf := w.buf
-	w.buf = nil
+	defer w.release()
 	if len(buf) == 0 {
-		putBuf(buf)
 		return nil
 	}
 	// Holding mu across the write keeps a concurrent pong from overtaking
@@ -67,7 +68,6 @@ func (w *wireConn) uncork(timeout time.Duration) error {
 	// pings) carry coder/websocket's own timeouts and must not inherit an
 	// expired deadline.
 	w.Conn.SetWriteDeadline(time.Time{})
-	putBuf(buf)
 	return err
 }
 
@@ -77,12 +77,14 @@ var bufPool = sync.Pool{New: func() any {
 	return &b
 }}
 
-func putBuf(b []byte) {
-	if cap(b) > 1<<20 {
-		return // let an outsized buffer go
+// release returns the batch buffer to the pool, reusing the pool's pointer so
+// that it costs no allocation. Callers hold mu.
+func (w *wireConn) release() {
+	if cap(w.buf) <= 1<<20 { // let an outsized buffer go
+		*w.pooled = w.buf[:0]
+		bufPool.Put(w.pooled)
 	}
-	b = b[:0]
-	bufPool.Put(&b)
+	w.buf, w.pooled = nil, nil
 }
 
 // Per-connection buffer sizes: they are held for the connection's whole life,
