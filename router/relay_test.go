@@ -385,10 +385,10 @@ func TestRelayRepliesNeverReachClients(t *testing.T) {
 	}
 }
 
-func TestRelayHostLeavesMidRequest(t *testing.T) {
-	ts := newTestServer(t, Config{})
-	id := ts.register(t, "hostclient")
-	ts.dial(t, id, "client") // keeps the registration alive
+// holdRelay starts a relay request to a silent device and returns once
+// the device holds it: the device's socket and the request's status to come.
+func holdRelay(t *testing.T, ts *testServer, id string) (*websocket.Conn, <-chan int) {
+	t.Helper()
 	dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
 	res := make(chan int, 1)
 	go func() {
@@ -396,46 +396,45 @@ func TestRelayHostLeavesMidRequest(t *testing.T) {
 		res <- code
 	}()
 	<-frames
-	dev.Close(websocket.StatusNormalClosure, "bye")
-	if code := <-res; code != 502 {
-		t.Fatalf("got %d, want 502", code)
-	}
+	return dev, res
 }
 
-func TestRelayRemovedWhilePending(t *testing.T) {
-	ts := newTestServer(t, Config{})
-	id := ts.register(t, "hostclient")
-	_, frames := ts.device(t, id, func(relayRequest) string { return "" })
-	res := make(chan int, 1)
-	go func() {
-		code, _, _ := ts.do(t, "GET", relayURL(id, "/", nil), nil, nil)
-		res <- code
-	}()
-	<-frames
-	q := url.Values{"id": {id}, "key": {testKey}, "host_key": {testHostKey}}
-	if code, _, _ := ts.do(t, "GET", "/remove?"+q.Encode(), nil, nil); code != 200 {
-		t.Fatal("remove failed")
+// TestRelayPendingEnds covers the ends of a request its device holds.
+func TestRelayPendingEnds(t *testing.T) {
+	tests := []struct {
+		name string
+		end  func(t *testing.T, ts *testServer, id string, dev *websocket.Conn)
+		want int
+	}{
+		{"host leaves", func(t *testing.T, ts *testServer, id string, dev *websocket.Conn) {
+			dev.Close(websocket.StatusNormalClosure, "bye")
+		}, 502},
+		{"registration removed", func(t *testing.T, ts *testServer, id string, dev *websocket.Conn) {
+			q := url.Values{"id": {id}, "key": {testKey}, "host_key": {testHostKey}}
+			if code, _, _ := ts.do(t, "GET", "/remove?"+q.Encode(), nil, nil); code != 200 {
+				t.Fatal("remove failed")
+			}
+		}, 502},
+		{"shutdown", func(t *testing.T, ts *testServer, id string, dev *websocket.Conn) {
+			ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+			t.Cleanup(cancel)
+			go ts.rt.Shutdown(ctx)
+		}, 503},
 	}
-	if code := <-res; code != 502 {
-		t.Fatalf("got %d, want 502", code)
-	}
-}
-
-func TestRelayShutdownAnswers503(t *testing.T) {
-	ts := newTestServer(t, Config{})
-	id := ts.register(t, "hostclient")
-	_, frames := ts.device(t, id, func(relayRequest) string { return "" })
-	res := make(chan int, 1)
-	go func() {
-		code, _, _ := ts.do(t, "GET", relayURL(id, "/", nil), nil, nil)
-		res <- code
-	}()
-	<-frames
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	go ts.rt.Shutdown(ctx)
-	if code := <-res; code != 503 {
-		t.Fatalf("got %d, want 503", code)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ts := newTestServer(t, Config{})
+			id := ts.register(t, "hostclient")
+			ts.dial(t, id, "client") // keeps the registration when the host goes
+			dev, res := holdRelay(t, ts, id)
+			tt.end(t, ts, id, dev)
+			if code := <-res; code != tt.want {
+				t.Fatalf("got %d, want %d", code, tt.want)
+			}
+			if p := ts.rt.relay.pendingCount(); p != 0 {
+				t.Fatalf("got %d pending, want 0", p)
+			}
+		})
 	}
 }
 
