@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -39,25 +40,29 @@ type dialer struct {
 func newDialer(n int) *dialer {
 	d := &dialer{}
 	for i := range n {
-		nd := &net.Dialer{
-			Timeout:   10 * time.Second,
-			LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+i))},
-			Control: func(network, address string, c syscall.RawConn) error {
-				// Best effort: without it bind picks the port alone,
-				// which only matters near exhaustion.
-				return c.Control(func(fd uintptr) {
-					syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
-				})
-			},
-		}
 		d.clients = append(d.clients, &http.Client{Transport: &http.Transport{
-			DialContext:         nd.DialContext,
+			DialContext:         sourceDialer(i).DialContext,
 			MaxIdleConnsPerHost: 16,
 			IdleConnTimeout:     30 * time.Second,
 			DisableCompression:  true,
 		}})
 	}
 	return d
+}
+
+// sourceDialer dials from the client source address 127.0.0.(2+i).
+func sourceDialer(i int) *net.Dialer {
+	return &net.Dialer{
+		Timeout:   10 * time.Second,
+		LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(2+i))},
+		Control: func(network, address string, c syscall.RawConn) error {
+			// Best effort: without it bind picks the port alone,
+			// which only matters near exhaustion.
+			return c.Control(func(fd uintptr) {
+				syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, ipBindAddressNoPort, 1)
+			})
+		},
+	}
 }
 
 // client returns the HTTP client of the next source address.
@@ -74,6 +79,7 @@ func (d *dialer) close() {
 // target is one started server as the scenarios see it.
 type target struct {
 	kind string
+	name string // in progress lines: kind, or the scenario's label for it
 	srv  *serverProc
 	dial *dialer
 	log  io.Writer
@@ -82,7 +88,7 @@ type target struct {
 func (t *target) isRef() bool { return t.kind == kindReference }
 
 func (t *target) progress(format string, args ...any) {
-	fmt.Fprintf(t.log, "  %s: %s\n", t.kind, fmt.Sprintf(format, args...))
+	fmt.Fprintf(t.log, "  %s: %s\n", cmp.Or(t.name, t.kind), fmt.Sprintf(format, args...))
 }
 
 // reg is a registration to connect to: its id and key.

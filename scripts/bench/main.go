@@ -20,11 +20,15 @@
 //	         key)
 //	pair     -pairs P hostclient registrations, the client sends, the host
 //	         echoes: round trips/s and RTT
-//	relay    HTTP relayed to a host (later)
+//	relay    -c concurrent HTTP clients, each in a closed loop, GET
+//	         /relay/{id}/reading answered by a host in this process, beside
+//	         the same handler served directly (the reference here):
+//	         round trips/s, latency, errors, CPU per request
 //
 // The wsrouter binary is built from the repository (go build -o <tmp> .)
 // unless -server-bin names one. The reference server is this same program
-// in its hidden refserver mode (see refserver.go).
+// in its hidden refserver mode (see refserver.go), or in another hidden mode
+// a scenario names (relay: directserver, see direct.go).
 //
 // Each run starts the reference, measures it and stops it, then does the
 // same for wsrouter (the order alternates from run to run so that drift on a
@@ -69,7 +73,7 @@ var scenarios = []scenario{
 	{"idle", "many idle connections: connects/s while establishing, server RSS per connection", newIdle},
 	{"connect", "connect+close churn, fresh registrations (bcrypt) or one (remembered key): connects/s", newConnect},
 	{"pair", "hostclient pairs ping-ponging: round trips/s, RTT", newPair},
-	{"relay", "HTTP requests relayed to a host (not implemented yet)", nil},
+	{"relay", "HTTP requests relayed to a host, beside a direct HTTP server: round trips/s, latency", newRelay},
 }
 
 // bench is one configured scenario.
@@ -87,6 +91,28 @@ type bench interface {
 	describe() string
 }
 
+// referee is implemented by a scenario whose reference is not the refserver
+// broadcaster.
+type referee interface {
+	reference() refSpec
+}
+
+// refSpec says which server is the reference and what the summary calls the
+// two servers. In the JSON they stay "reference" and "wsrouter", as in every
+// scenario; "labels" gives the names.
+type refSpec struct {
+	mode string   // hidden mode of the reference binary
+	args []string // its flags; -addr is added at start
+	// names in the summary and aliases for -targets
+	refName, wsName string
+}
+
+// goaler is implemented by a scenario with targets to meet (from an issue,
+// say); they are checked against the medians and printed in the summary.
+type goaler interface {
+	goals(rep *report) []goal
+}
+
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	// With SIGPIPE handled, a closed stdout (bench … | head -1) makes the
@@ -95,9 +121,12 @@ func main() {
 	// default in children, unlike an ignored one.
 	signal.Notify(make(chan os.Signal, 1), syscall.SIGPIPE)
 	var err error
-	if len(os.Args) > 1 && os.Args[1] == refServerMode {
+	switch {
+	case len(os.Args) > 1 && os.Args[1] == refServerMode:
 		err = runRefServer(ctx, os.Args[2:], os.Stderr)
-	} else {
+	case len(os.Args) > 1 && os.Args[1] == directServerMode:
+		err = runDirectServer(ctx, os.Args[2:], os.Stderr)
+	default:
 		err = run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	}
 	stop()
@@ -126,11 +155,11 @@ type options struct {
 
 func (o *options) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.duration, "duration", 5*time.Second, "measured window of each run")
-	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "traffic before the measured window (fanout, pair)")
+	fs.DurationVar(&o.warmup, "warmup", 500*time.Millisecond, "traffic before the measured window (fanout, pair, relay)")
 	fs.IntVar(&o.runs, "runs", 1, "repeat the whole scenario this many times and report medians")
 	fs.StringVar(&o.serverBin, "server-bin", "", "wsrouter binary to test (default: go build the repository to a temp dir)")
-	fs.StringVar(&o.refBin, "ref-bin", "", "binary whose refserver mode is the reference (default: this program)")
-	fs.StringVar(&o.targets, "targets", "both", "which servers to measure: both, wsrouter or reference")
+	fs.StringVar(&o.refBin, "ref-bin", "", "binary whose hidden server modes (refserver, directserver) are the reference (default: this program)")
+	fs.StringVar(&o.targets, "targets", "both", "which servers to measure: both, wsrouter or reference (relay: also relay or direct)")
 	fs.StringVar(&o.serverFlags, "server-flags", "", "extra wsrouter flags, space-separated, overriding the scenario's (e.g. \"-send-queue-bytes 65536\")")
 	fs.StringVar(&o.logLevel, "log-level", "info", "wsrouter -log-level; its WARN/ERROR lines are reported as anomalies")
 	fs.IntVar(&o.srcIPs, "src-ips", 8, "client source addresses 127.0.0.2 … 127.0.0.(1+n), rotated per connection")
@@ -179,7 +208,7 @@ func usage(w io.Writer) {
 	}
 }
 
-// run is the whole tool but the hidden refserver mode.
+// run is the whole tool but the hidden server modes.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		usage(stderr)
@@ -213,6 +242,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	ref := refSpec{mode: refServerMode, args: refArgs(o), refName: kindReference, wsName: kindWsrouter}
+	if r, ok := b.(referee); ok {
+		ref = r.reference()
+		// The scenario's names for the two servers are aliases.
+		switch o.targets {
+		case ref.refName:
+			o.targets = kindReference
+		case ref.wsName:
+			o.targets = kindWsrouter
+		}
 	}
 	if err := o.check(); err != nil {
 		return err
@@ -250,9 +290,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		},
 		ServerArgs: map[string][]string{},
 	}
+	if ref.mode != refServerMode {
+		delete(rep.Common, "ref_queue") // the broadcaster's; not started
+		rep.Labels = map[string]string{kindReference: ref.refName, kindWsrouter: ref.wsName}
+		rep.ReferenceMode = ref.mode
+	}
 	argsOf := map[string][]string{
 		kindWsrouter:  wsrouterArgs(o, b.serverArgs()),
-		kindReference: refArgs(o),
+		kindReference: ref.args,
 	}
 	for _, k := range o.kinds(0) {
 		rep.ServerArgs[k] = argsOf[k]
@@ -266,11 +311,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			fmt.Fprintf(stderr, "run %d/%d: %s …\n", i+1, o.runs, kind)
-			tr := measure(ctx, b, o, kind, bins, argsOf[kind], tmp, dial, stderr)
+			fmt.Fprintf(stderr, "run %d/%d: %s …\n", i+1, o.runs, rep.label(kind))
+			tr := measure(ctx, b, kind, rep.label(kind), bins, ref.mode, argsOf[kind], tmp, dial, stderr)
 			if tr.Error != "" {
 				failed = true
-				fmt.Fprintf(stderr, "run %d/%d: %s failed: %s\n", i+1, o.runs, kind, tr.Error)
+				fmt.Fprintf(stderr, "run %d/%d: %s failed: %s\n", i+1, o.runs, rep.label(kind), tr.Error)
 			}
 			rr.Targets[kind] = tr
 		}
@@ -278,6 +323,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		rep.Runs = append(rep.Runs, rr)
 	}
 	rep.summarise()
+	if g, ok := b.(goaler); ok {
+		rep.Goals = g.goals(rep)
+	}
 
 	if err := rep.write(stdout, b.describe()); err != nil {
 		return err
@@ -289,12 +337,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 // measure starts one server, runs the scenario against it once and stops
-// it, whatever happens.
-func measure(ctx context.Context, b bench, o *options, kind string, bins binaries, args []string, tmp string, dial *dialer, stderr io.Writer) *targetRecord {
+// it, whatever happens. name is what progress lines call it; refMode is the
+// reference binary's hidden mode.
+func measure(ctx context.Context, b bench, kind, name string, bins binaries, refMode string, args []string, tmp string, dial *dialer, stderr io.Writer) *targetRecord {
 	tr := &targetRecord{}
 	bin, binArgs := bins.server, args
 	if kind == kindReference {
-		bin, binArgs = bins.ref, append([]string{refServerMode}, args...)
+		bin, binArgs = bins.ref, append([]string{refMode}, args...)
 	}
 	srv, err := startServer(ctx, kind, bin, binArgs, tmp)
 	if err != nil {
@@ -303,7 +352,7 @@ func measure(ctx context.Context, b bench, o *options, kind string, bins binarie
 	}
 	defer srv.kill()
 
-	t := &target{kind: kind, srv: srv, dial: dial, log: stderr}
+	t := &target{kind: kind, name: name, srv: srv, dial: dial, log: stderr}
 	res, err := b.run(ctx, t)
 	if res == nil {
 		res = newResult()

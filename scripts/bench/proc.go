@@ -298,7 +298,7 @@ func (p *serverProc) nofile() string {
 
 // scrapeMetrics returns the wsrouter /metrics samples that tell how the run
 // went on the server's side: closes by code, key checks by kind, rate
-// limiting.
+// limiting, relayed requests by status.
 func (p *serverProc) scrapeMetrics() map[string]string {
 	client := &http.Client{Timeout: 2 * time.Second}
 	resp, err := client.Get("http://" + p.addr + "/metrics")
@@ -311,7 +311,7 @@ func (p *serverProc) scrapeMetrics() map[string]string {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		for _, prefix := range []string{"wsrouter_closes_total", "wsrouter_key_check_seconds_count", "wsrouter_rate_limited_total"} {
+		for _, prefix := range []string{"wsrouter_closes_total", "wsrouter_key_check_seconds_count", "wsrouter_rate_limited_total", "wsrouter_relay_requests_total"} {
 			if strings.HasPrefix(line, prefix) {
 				if i := strings.LastIndexByte(line, ' '); i > 0 {
 					out[line[:i]] = line[i+1:]

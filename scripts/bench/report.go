@@ -82,12 +82,45 @@ type report struct {
 	Common     map[string]any      `json:"common"`
 	ServerArgs map[string][]string `json:"server_args"`
 	ServerEnv  []string            `json:"server_env"`
-	Runs       []runRecord         `json:"runs"`
+	// Labels name the two servers where the reference is not the
+	// broadcaster (relay: "direct" and "relay"), and ReferenceMode is the
+	// hidden mode that served as the reference.
+	Labels        map[string]string `json:"labels,omitempty"`
+	ReferenceMode string            `json:"reference_mode,omitempty"`
+	Runs          []runRecord       `json:"runs"`
 	// Median is, per server, the median of each figure over the runs
 	// that produced it, and their ratio.
-	Median    map[string]map[string]float64 `json:"median"`
-	Ratio     map[string]*float64           `json:"ratio"`
-	Anomalies []string                      `json:"anomalies"`
+	Median map[string]map[string]float64 `json:"median"`
+	Ratio  map[string]*float64           `json:"ratio"`
+	// Goals are the scenario's targets checked against the medians.
+	Goals     []goal   `json:"goals,omitempty"`
+	Anomalies []string `json:"anomalies"`
+}
+
+// goal is one target a scenario should meet, such as "relay p99 under 2 ms
+// at -c 1", checked against the medians.
+type goal struct {
+	Name string `json:"name"`
+	// Applies is false when the run's parameters are not the ones the
+	// target is stated for; Met is then still computed, for information.
+	Applies bool `json:"applies"`
+	// Status is "met" or "MISSED"; "met, but not applicable (…)" or
+	// "missed, but …" where Applies is false; "unknown (…)" when a figure
+	// is missing.
+	Status string `json:"status"`
+	// Value is the measured figure (a ratio or a latency), Limit the bound.
+	Value *float64 `json:"value"`
+	Limit float64  `json:"limit"`
+	Unit  string   `json:"unit,omitempty"`
+	Met   *bool    `json:"met"`
+}
+
+// label returns what the summary calls a server.
+func (rep *report) label(kind string) string {
+	if l := rep.Labels[kind]; l != "" {
+		return l
+	}
+	return kind
 }
 
 // summarise fills Median, Ratio and Anomalies from Runs.
@@ -105,10 +138,10 @@ func (rep *report) summarise() {
 				vals[k] = append(vals[k], v)
 			}
 			for _, a := range t.Anomalies {
-				rep.Anomalies = append(rep.Anomalies, fmt.Sprintf("run %d %s: %s", rr.Run, kind, a))
+				rep.Anomalies = append(rep.Anomalies, fmt.Sprintf("run %d %s: %s", rr.Run, rep.label(kind), a))
 			}
 			if t.Error != "" {
-				rep.Anomalies = append(rep.Anomalies, fmt.Sprintf("run %d %s: error: %s", rr.Run, kind, t.Error))
+				rep.Anomalies = append(rep.Anomalies, fmt.Sprintf("run %d %s: error: %s", rr.Run, rep.label(kind), t.Error))
 			}
 		}
 		if len(vals) == 0 {
@@ -189,10 +222,23 @@ func (rep *report) write(w io.Writer, title string) error {
 			names[k] = true
 		}
 	}
-	fmt.Fprintf(&sb, "%-30s %14s %14s %9s\n", "figure", kindReference, kindWsrouter, "ratio")
+	if len(rep.Labels) > 0 {
+		fmt.Fprintf(&sb, "ratio: %s / %s\n", rep.label(kindWsrouter), rep.label(kindReference))
+	}
+	fmt.Fprintf(&sb, "%-30s %14s %14s %9s\n", "figure", rep.label(kindReference), rep.label(kindWsrouter), "ratio")
 	for _, k := range sortedKeys(names) {
 		fmt.Fprintf(&sb, "%-30s %14s %14s %9s\n", k,
 			fmtFig(rep.Median[kindReference], k), fmtFig(rep.Median[kindWsrouter], k), fmtRatio(rep.Ratio[k]))
+	}
+	if len(rep.Goals) > 0 {
+		sb.WriteString("targets:\n")
+		for _, g := range rep.Goals {
+			v := "-"
+			if g.Value != nil {
+				v = fmt.Sprintf("%.4g%s", *g.Value, g.Unit)
+			}
+			fmt.Fprintf(&sb, "  %-46s %9s  %s\n", g.Name, v, g.Status)
+		}
 	}
 	if len(rep.Anomalies) == 0 {
 		sb.WriteString("anomalies: none\n")
