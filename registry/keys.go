@@ -6,6 +6,9 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -79,11 +82,18 @@ func (h *hasher) compare(ctx context.Context, hash []byte, key string) error {
 // precomputable table, but it does let one test guesses at SHA-256 speed
 // rather than bcrypt speed: that is the price of not paying bcrypt on every
 // repeated connect (see the README).
-func mac(key string) []byte {
-	m := hmac.New(sha256.New, secret)
-	m.Write([]byte(key))
-	return m.Sum(nil)
+func mac(key string) (sum [sha256.Size]byte) {
+	m := macPool.Get().(hash.Hash)
+	m.Reset()
+	io.WriteString(m, key)
+	m.Sum(sum[:0])
+	macPool.Put(m)
+	return sum
 }
+
+// macPool keeps keyed hashers: hmac.New allocates its state each time, and
+// every repeated connect and relay request computes one.
+var macPool = sync.Pool{New: func() any { return hmac.New(sha256.New, secret) }}
 
 // check verifies key against hash, remembering the key's MAC in *memo
 // (guarded by reg.mu) once bcrypt has accepted it. A registration has exactly
@@ -96,7 +106,7 @@ func (reg *Registration) check(ctx context.Context, key string, hash []byte, mem
 	known := *memo
 	reg.mu.Unlock()
 	observe := reg.registry.cfg.OnKeyCheck
-	if known != nil && hmac.Equal(known, m) {
+	if known != nil && hmac.Equal(known, m[:]) {
 		if observe != nil {
 			observe(KeyRemembered, time.Since(start))
 		}
@@ -112,7 +122,7 @@ func (reg *Registration) check(ctx context.Context, key string, hash []byte, mem
 		return fmt.Errorf("check key for %s: %w", reg.ID, err)
 	}
 	reg.mu.Lock()
-	*memo = m
+	*memo = m[:]
 	reg.mu.Unlock()
 	return nil
 }

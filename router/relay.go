@@ -1,7 +1,6 @@
 package router
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -60,10 +59,10 @@ type pendingRelay struct {
 	reply chan relayOutcome // capacity 1; exactly one outcome is sent
 }
 
-// relayOutcome is either a reply's fields or the error that ended the wait.
+// relayOutcome is either a reply frame or the error that ended the wait.
 type relayOutcome struct {
-	fields map[string]json.RawMessage
-	err    error
+	reply []byte
+	err   error
 }
 
 func (rl *relay) room(reg *registry.Registration) *relayRoom {
@@ -120,12 +119,12 @@ func (room *relayRoom) expireLocked(now time.Time) {
 // claim delivers a host's reply to its caller. It reports whether the frame
 // was a reply of this room (pending or lingering), which then must not be
 // forwarded to the clients.
-func (room *relayRoom) claim(rid string, fields map[string]json.RawMessage, now time.Time) bool {
+func (room *relayRoom) claim(rid string, reply []byte, now time.Time) bool {
 	room.mu.Lock()
 	defer room.mu.Unlock()
 	if p, ok := room.pending[rid]; ok {
 		delete(room.pending, rid)
-		p.reply <- relayOutcome{fields: fields}
+		p.reply <- relayOutcome{reply: reply}
 		return true
 	}
 	room.expireLocked(now)
@@ -176,11 +175,12 @@ func (rl *relay) hostFrame(reg *registry.Registration, data []byte) bool {
 	if !ok {
 		return false // no relay ever: the common case costs one map load
 	}
-	rid, fields, ok := replyFields(data)
+	rid, ok := replyRID(data)
 	if !ok {
 		return false
 	}
-	return v.(*relayRoom).claim(rid, fields, time.Now())
+	// The frame is parsed further by its caller, off the host's reader.
+	return v.(*relayRoom).claim(rid, data, time.Now())
 }
 
 // hostLeft fails the requests waiting on a host whose connection ended.
@@ -307,7 +307,7 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 		if out.err != nil {
 			return nil, out.err
 		}
-		resp, err := parseRelayReply(out.fields, rt.cfg.RelayMaxBody)
+		resp, err := parseRelayReply(out.reply, rt.cfg.RelayMaxBody)
 		if err != nil {
 			return nil, err
 		}

@@ -27,14 +27,18 @@ type relayRequest struct {
 // hopHeaders are the hop-by-hop headers of RFC 9110 §7.6.1 (plus the
 // de-facto Proxy-Connection and Keep-Alive): they concern one connection and
 // never cross the relay, either way.
-var hopHeaders = []string{
-	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+var hopHeaders = map[string]bool{
+	"Connection": true, "Proxy-Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
 }
 
 // dropRequestHeaders never reach the device: credentials of the router
 // (X-Key, X-Host-Key) and the browser's cookies for the router's origin.
-var dropRequestHeaders = []string{"Cookie", "X-Key", "X-Host-Key"}
+var dropRequestHeaders = map[string]bool{"Cookie": true, "X-Key": true, "X-Host-Key": true}
+
+// dropReplyHeaders never reach the caller: the device must not set cookies
+// on the router's origin, and the router computes Content-Length itself.
+var dropReplyHeaders = map[string]bool{"Set-Cookie": true, "Content-Length": true}
 
 // encodeRelayRequest turns an HTTP request (its body already read) into the
 // frame for the device. path is the part after /relay/{id}; query has the
@@ -73,25 +77,22 @@ func encodeRelayRequest(rid, method, path string, query url.Values, h http.Heade
 // endToEnd returns the headers of h that may cross the relay: in canonical
 // form, without hop-by-hop headers, those the Connection header names, and
 // drop.
-func endToEnd(h http.Header, drop []string) http.Header {
-	skip := map[string]bool{}
-	for _, k := range hopHeaders {
-		skip[k] = true
-	}
-	for _, k := range drop {
-		skip[k] = true
-	}
+func endToEnd(h http.Header, drop map[string]bool) http.Header {
+	var named map[string]bool // headers the Connection header names
 	for _, v := range h.Values("Connection") {
 		for name := range strings.SplitSeq(v, ",") {
 			if name = strings.TrimSpace(name); name != "" {
-				skip[textproto.CanonicalMIMEHeaderKey(name)] = true
+				if named == nil {
+					named = map[string]bool{}
+				}
+				named[textproto.CanonicalMIMEHeaderKey(name)] = true
 			}
 		}
 	}
-	out := http.Header{}
+	out := make(http.Header, len(h))
 	for k, vs := range h {
 		ck := textproto.CanonicalMIMEHeaderKey(k)
-		if skip[ck] || len(vs) == 0 {
+		if hopHeaders[ck] || drop[ck] || named[ck] || len(vs) == 0 {
 			continue
 		}
 		out[ck] = append(out[ck], vs...)
@@ -125,15 +126,28 @@ var typeNames = map[string]string{
 // body.
 var replyReserved = map[string]bool{"rid": true, "status": true, "type": true, "headers": true, "encoding": true}
 
-// parseRelayReply maps a device's reply, already decoded into its fields, to
-// an HTTP response (SPEC §7). maxBody bounds the decoded body.
-func parseRelayReply(fields map[string]json.RawMessage, maxBody int64) (*relayResponse, error) {
+// replyFrame is a reply's fields of fixed meaning, kept raw: each is read
+// by its own rule below, and a missing one differs from a null one.
+type replyFrame struct {
+	Status   json.RawMessage `json:"status"`
+	Type     json.RawMessage `json:"type"`
+	Content  json.RawMessage `json:"content"`
+	Encoding json.RawMessage `json:"encoding"`
+	Headers  json.RawMessage `json:"headers"`
+}
+
+// parseRelayReply maps a device's reply frame (a JSON object, as replyRID
+// found) to an HTTP response (SPEC §7). maxBody bounds the decoded body.
+func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
+	var f replyFrame
+	if err := json.Unmarshal(data, &f); err != nil {
+		return nil, fmt.Errorf("%w: %v", errBadReply, err)
+	}
 	resp := &relayResponse{status: http.StatusOK, header: http.Header{}}
 
-	if raw, ok := fields["status"]; ok {
+	if raw := bytes.TrimSpace(f.Status); len(raw) > 0 {
 		// Only a JSON number counts: json.Number would also take "404".
-		raw = bytes.TrimSpace(raw)
-		if len(raw) > 0 && raw[0] != '"' {
+		if raw[0] != '"' {
 			if v, err := json.Number(raw).Int64(); err == nil && v >= 100 && v <= 599 {
 				if v < 200 {
 					// A 1xx cannot be the final status of an HTTP
@@ -146,14 +160,12 @@ func parseRelayReply(fields map[string]json.RawMessage, maxBody int64) (*relayRe
 	}
 
 	var encoding string
-	if raw, ok := fields["encoding"]; ok {
-		json.Unmarshal(raw, &encoding) // a non-string encoding is no encoding
-	}
+	json.Unmarshal(f.Encoding, &encoding) // absent or not a string: none
 
 	// The body: content as a string (maybe base64), content as a JSON
 	// value, or the legacy form of every other key.
 	isJSON := false
-	if raw, ok := fields["content"]; ok {
+	if raw := f.Content; raw != nil {
 		var s string
 		if err := json.Unmarshal(raw, &s); err == nil {
 			if encoding == "base64" {
@@ -170,10 +182,15 @@ func parseRelayReply(fields map[string]json.RawMessage, maxBody int64) (*relayRe
 			isJSON = true
 		}
 	} else {
-		legacy := make(map[string]json.RawMessage, len(fields))
-		for k, v := range fields {
-			if !replyReserved[k] {
-				legacy[k] = v
+		var legacy map[string]json.RawMessage
+		if err := json.Unmarshal(data, &legacy); err != nil {
+			return nil, fmt.Errorf("%w: %v", errBadReply, err)
+		}
+		for k := range legacy {
+			// Keys match as encoding/json matches them above: ignoring
+			// case, so "Status" is the status, not a legacy field.
+			if replyReserved[strings.ToLower(k)] {
+				delete(legacy, k)
 			}
 		}
 		b, err := json.Marshal(legacy)
@@ -187,16 +204,14 @@ func parseRelayReply(fields map[string]json.RawMessage, maxBody int64) (*relayRe
 		return nil, fmt.Errorf("%w: body of %d bytes over %d", errBadReply, len(resp.body), maxBody)
 	}
 
-	if raw, ok := fields["headers"]; ok {
-		if err := copyReplyHeaders(resp.header, raw); err != nil {
+	if f.Headers != nil {
+		if err := copyReplyHeaders(resp.header, f.Headers); err != nil {
 			return nil, err
 		}
 	}
 
 	var typ string
-	if raw, ok := fields["type"]; ok {
-		json.Unmarshal(raw, &typ)
-	}
+	json.Unmarshal(f.Type, &typ) // absent or not a string: no type
 	switch ct, known := typeNames[typ]; {
 	case known:
 		resp.header.Set("Content-Type", ct)
@@ -251,7 +266,7 @@ func copyReplyHeaders(h http.Header, raw json.RawMessage) error {
 			}
 		}
 	}
-	for k, vs := range endToEnd(in, []string{"Set-Cookie", "Content-Length"}) {
+	for k, vs := range endToEnd(in, dropReplyHeaders) {
 		h[k] = vs
 	}
 	return nil
@@ -279,21 +294,25 @@ func validHeaderValue(s string) bool {
 	return true
 }
 
-// replyFields decodes a host text frame as a relay reply candidate: a JSON
-// object with a string rid. ok is false for anything else, which is then
-// forwarded to clients as usual.
-func replyFields(data []byte) (rid string, fields map[string]json.RawMessage, ok bool) {
+// replyRID recognises a host text frame as a relay reply candidate: a JSON
+// object with a string rid (its key matched, like every key of a reply, as
+// encoding/json does: ignoring case). ok is false for anything else, which is then
+// forwarded to clients as usual. Only rid is decoded here, on the host's
+// reader; the caller parses the rest.
+func replyRID(data []byte) (rid string, ok bool) {
 	// Cheap refusal first: most host frames are not replies.
 	trimmed := bytes.TrimLeft(data, " \t\r\n")
-	if len(trimmed) == 0 || trimmed[0] != '{' || !bytes.Contains(data, []byte(`"rid"`)) {
-		return "", nil, false
+	if len(trimmed) == 0 || trimmed[0] != '{' {
+		return "", false
 	}
-	if err := json.Unmarshal(data, &fields); err != nil {
-		return "", nil, false
+	var f struct {
+		RID json.RawMessage `json:"rid"`
 	}
-	raw, found := fields["rid"]
-	if !found || len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &rid) != nil {
-		return "", nil, false
+	if json.Unmarshal(data, &f) != nil || len(f.RID) == 0 || f.RID[0] != '"' {
+		return "", false
 	}
-	return rid, fields, true
+	if json.Unmarshal(f.RID, &rid) != nil {
+		return "", false
+	}
+	return rid, true
 }
