@@ -14,8 +14,16 @@
 //     the member's connection id in X-Connection-Id.
 //   - /remove (GET, POST or DELETE): id, key and host_key. Closes every
 //     member with 4000.
+//   - /relay/{id}/{path…} (any method): key. The request becomes a JSON frame
+//     for one host of a hostclient registration (round-robin) and the host's
+//     JSON reply, matched by its rid, becomes the response (relay.go,
+//     relayframe.go).
 //   - /healthz: 200 "ok" while serving, 503 once shutdown began.
-//   - /metrics: Prometheus text.
+//   - /metrics: Prometheus text. /stats: JSON counts for the -admin-token
+//     bearer only.
+//
+// Per-IP rate limits and the failed-key lockout (limits.go) answer 429 with
+// Retry-After.
 //
 // Keys may come from the query or form, or from the X-Key and X-Host-Key
 // headers; a parameter wins over the header. Every refusal is an HTTP status
