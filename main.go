@@ -85,7 +85,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 
 	rc, gc := &o.router, &o.router.Registry
 	fs.Int64Var(&rc.MaxMessage, "max-message", 1<<20, "largest data message in bytes; a larger one closes its sender with 1009")
-	fs.IntVar(&rc.SendQueueBytes, "send-queue-bytes", 1<<20, "send queue bound per member, in bytes (payload + 64 per message); overflow closes it with 4008")
+	fs.IntVar(&rc.SendQueueBytes, "send-queue-bytes", 4<<20, "send queue bound per member, in bytes (payload + 64 per message); overflow closes it with 4008")
 	fs.DurationVar(&rc.WriteTimeout, "write-timeout", 10*time.Second, "deadline for every write, close frames included")
 	fs.DurationVar(&rc.PingInterval, "ping-interval", 30*time.Second, "how often the server pings each member (negative: never)")
 	fs.DurationVar(&rc.PingTimeout, "ping-timeout", 30*time.Second, "how long a ping may go unanswered before the member is dropped")
@@ -272,9 +272,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return &http.Server{
 			Handler:           h,
 			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       2 * time.Minute,
-			MaxHeaderBytes:    64 << 10,
-			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+			// Bounds reading a whole request, body included, so a
+			// client cannot hold a connection by trickling a form or a
+			// relay body. net/http clears it on the WebSocket upgrade.
+			ReadTimeout:    30 * time.Second,
+			IdleTimeout:    2 * time.Minute,
+			MaxHeaderBytes: 64 << 10,
+			ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 		}
 	}
 	srv := newServer(rt)

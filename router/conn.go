@@ -29,6 +29,9 @@ const (
 	// codePingTimeout stands for a member dropped without a close frame
 	// because it did not answer a ping. It never goes on the wire.
 	codePingTimeout = -1
+	// codeWriteFailed stands for a member dropped because a write failed
+	// or stalled past -write-timeout. It never goes on the wire either.
+	codeWriteFailed = -2
 )
 
 // conn is one member: a WebSocket joined to a registration. One goroutine
@@ -80,7 +83,19 @@ func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn 
 
 // Send implements registry.Member. It never blocks.
 func (c *conn) Send(msg registry.Message) {
-	ok, start := c.queue.push(msg)
+	c.send(msg, true)
+}
+
+// sendRelay queues a relay request frame outside the byte budget: relay
+// frames are bounded on their own (-relay-max-pending × -relay-max-body), and
+// a device's queue must not overflow because two large requests arrived at
+// once.
+func (c *conn) sendRelay(msg registry.Message) {
+	c.send(msg, false)
+}
+
+func (c *conn) send(msg registry.Message, bounded bool) {
+	ok, start := c.queue.push(msg, bounded)
 	if !ok {
 		c.Close(codeSlowConsumer, "slow consumer")
 		return
@@ -243,6 +258,9 @@ func (c *conn) writeLoop() {
 		}
 		if err := c.writeBatch(msgs); err != nil {
 			c.log.Debug("write failed", "err", err)
+			if c.ctx.Err() == nil {
+				c.rt.noteClose(codeWriteFailed)
+			}
 			c.wc.Close()
 			// Keep the writer's turn: the queue stays marked as
 			// draining, so no new writer starts on a dead socket.
@@ -252,23 +270,42 @@ func (c *conn) writeLoop() {
 	}
 }
 
+// corkLimit is the largest payload copied into a corked batch. A larger one
+// goes to the socket straight from the shared message: copying it per
+// receiver would multiply a big message by the size of the room.
+const corkLimit = 16 << 10
+
 // writeBatch writes every message of a batch as its own frame, corked so
 // that the whole batch leaves in one system call under the write timeout.
 func (c *conn) writeBatch(batch []registry.Message) error {
+	wt := c.rt.cfg.WriteTimeout
 	c.wc.cork()
 	for _, msg := range batch {
 		typ := websocket.MessageText
 		if msg.Binary {
 			typ = websocket.MessageBinary
 		}
+		if len(msg.Data) > corkLimit {
+			if err := c.wc.uncork(wt); err != nil {
+				return err
+			}
+			c.wc.SetWriteDeadline(time.Now().Add(wt))
+			err := c.ws.Write(context.Background(), typ, msg.Data)
+			c.wc.SetWriteDeadline(time.Time{})
+			if err != nil {
+				return err
+			}
+			c.wc.cork()
+			continue
+		}
 		// No context deadline: corked writes only copy; the deadline sits
 		// on the socket for the one real write in uncork.
 		if err := c.ws.Write(context.Background(), typ, msg.Data); err != nil {
-			c.wc.uncork(c.rt.cfg.WriteTimeout)
+			c.wc.uncork(wt)
 			return err
 		}
 	}
-	return c.wc.uncork(c.rt.cfg.WriteTimeout)
+	return c.wc.uncork(wt)
 }
 
 // closeHandshake sends the requested close frame and waits for the peer's,

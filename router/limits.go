@@ -1,7 +1,6 @@
 package router
 
 import (
-	"math"
 	"net"
 	"net/http"
 	"strings"
@@ -111,25 +110,22 @@ func (l *ipLimiter) take(ip string) time.Duration {
 	return 0
 }
 
-// wait reports how long ip must wait for a token without spending one: the
-// failed-key lockout checks before every key check and spends only on a
-// failure.
-func (l *ipLimiter) wait(ip string) time.Duration {
+// reserve takes a token for ip up front and returns a refund, or how long
+// until a token is available. The failed-key lockout reserves before every
+// key check and refunds when the check did not fail: checking without
+// taking would let any number of parallel guesses through on the last
+// token.
+func (l *ipLimiter) reserve(ip string) (refund func(), wait time.Duration) {
 	if l == nil {
-		return 0
+		return func() {}, 0
 	}
 	now := l.now()
-	l.mu.Lock()
-	e, ok := l.entries[ip]
-	l.mu.Unlock()
-	if !ok {
-		return 0
+	r := l.entry(ip, now).ReserveN(now, 1)
+	if d := r.DelayFrom(now); d > 0 {
+		r.CancelAt(now)
+		return nil, d
 	}
-	tokens := e.lim.TokensAt(now)
-	if tokens >= 1 {
-		return 0
-	}
-	return time.Duration(math.Ceil((1 - tokens) / float64(l.limit) * float64(time.Second)))
+	return func() { r.CancelAt(l.now()) }, 0
 }
 
 // spend takes a token for ip if there is one (a failed key check).
@@ -167,7 +163,9 @@ func (ls *limits) sweep() {
 
 // clientIP is the socket's address, or with -trust-proxy the last address
 // of that header: the one the proxy in front appended. Earlier addresses in
-// the header came from the client and may be forged.
+// the header came from the client and may be forged. An IPv6 address counts
+// by its /64, the block one subscriber usually holds: otherwise anyone with
+// a /64 would have 2^64 fresh buckets.
 func (ls *limits) clientIP(r *http.Request) string {
 	if ls.trustProxy != "" {
 		if v := r.Header.Values(ls.trustProxy); len(v) > 0 {
@@ -176,15 +174,25 @@ func (ls *limits) clientIP(r *http.Request) string {
 				last = last[i+1:]
 			}
 			if ip := net.ParseIP(strings.TrimSpace(last)); ip != nil {
-				return ip.String()
+				return limitKey(ip)
 			}
 		}
 	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
-		return r.RemoteAddr
+		host = r.RemoteAddr
+	}
+	if ip := net.ParseIP(host); ip != nil {
+		return limitKey(ip)
 	}
 	return host
+}
+
+func limitKey(ip net.IP) string {
+	if ip.To4() != nil {
+		return ip.String()
+	}
+	return ip.Mask(net.CIDRMask(64, 128)).String() + "/64"
 }
 
 // allow applies the endpoint's limiter to r's client and, when it is out of
@@ -199,16 +207,19 @@ func (rt *Router) allow(l *ipLimiter, endpoint string, r *http.Request) error {
 
 // keyLockout refuses an address that has used up its failed-key tokens,
 // right key or not, so that keys cannot be guessed at bcrypt speed from one
-// address.
-func (rt *Router) keyLockout(r *http.Request, endpoint string) error {
-	if d := rt.limits.badKey.wait(rt.limits.clientIP(r)); d > 0 {
+// address. Otherwise it holds one token for the key check to come; the
+// caller refunds it unless the check failed.
+func (rt *Router) keyLockout(r *http.Request, endpoint string) (refund func(), err error) {
+	refund, d := rt.limits.badKey.reserve(rt.limits.clientIP(r))
+	if d > 0 {
 		rt.metrics.rateLimited(endpoint)
-		return &errRateLimited{retry: d}
+		return nil, &errRateLimited{retry: d}
 	}
-	return nil
+	return refund, nil
 }
 
-// keyFailed takes a failed-key token from r's client.
+// keyFailed takes a further failed-key token from r's client (a second wrong
+// key in one request).
 func (rt *Router) keyFailed(r *http.Request) {
 	rt.limits.badKey.spend(rt.limits.clientIP(r))
 }

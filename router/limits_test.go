@@ -161,6 +161,16 @@ func TestTrustProxy(t *testing.T) {
 	if code := reg("1.1.1.1, 10.0.0.2"); code != 200 {
 		t.Fatalf("another client: got %d, want 200", code)
 	}
+	// IPv6 addresses count by their /64.
+	if code := reg("2001:db8:1:2::1"); code != 200 {
+		t.Fatalf("IPv6 client: got %d, want 200", code)
+	}
+	if code := reg("2001:db8:1:2:ffff::9"); code != 429 {
+		t.Fatalf("same /64: got %d, want 429", code)
+	}
+	if code := reg("2001:db8:1:3::1"); code != 200 {
+		t.Fatalf("another /64: got %d, want 200", code)
+	}
 }
 
 func TestLimiterMemoryBounded(t *testing.T) {
@@ -283,6 +293,10 @@ func TestMetricsAfterKnownTraffic(t *testing.T) {
 		{"wsrouter_relay_requests_total", "status", "200", 1},
 		{"wsrouter_relay_requests_total", "status", "403", 1},
 	}
+	ts.do(t, "GET", "/register?key=a&host_key=b&reg_type=nope", nil, nil)
+	if got := metricValue(t, ts, "wsrouter_refusals_total", "status", "400"); got != 1 {
+		t.Errorf("refusals{status=400}: got %v, want 1", got)
+	}
 	for _, tt := range tests {
 		if got := metricValue(t, ts, tt.name, tt.label, tt.value); got != tt.want {
 			t.Errorf("%s{%s=%q}: got %v, want %v", tt.name, tt.label, tt.value, got, tt.want)
@@ -366,4 +380,34 @@ func metricValue(t *testing.T, ts *testServer, name, label, value string) float6
 		}
 	}
 	return 0
+}
+
+// TestFailedKeyLockoutParallel: guesses sent at once must not all pass a
+// lockout that only looked at the bucket — each takes its token up front.
+func TestFailedKeyLockoutParallel(t *testing.T) {
+	ts := newTestServer(t, Config{RateBadKey: Limit{Rate: 0.2, Burst: 2}, Registry: regCfgKeep()})
+	withClock(ts)
+	id := ts.register(t, "lobby")
+	const n = 12
+	codes := make(chan int, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			_, resp, _ := ts.tryDial(t, id, "wrong", "", nil)
+			if resp == nil {
+				codes <- 101
+				return
+			}
+			codes <- resp.StatusCode
+		})
+	}
+	wg.Wait()
+	close(codes)
+	got := map[int]int{}
+	for c := range codes {
+		got[c]++
+	}
+	if got[403] != 2 || got[429] != n-2 {
+		t.Fatalf("got %v, want exactly the burst (2) checked and %d refused with 429", got, n-2)
+	}
 }

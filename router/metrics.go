@@ -22,6 +22,7 @@ type metrics struct {
 	removed   *prometheus.CounterVec // by cause
 	closes    *prometheus.CounterVec // by code
 	limited   *prometheus.CounterVec // by endpoint
+	refusals  *prometheus.CounterVec // by endpoint and status
 	keyChecks *prometheus.HistogramVec
 	relays    *prometheus.CounterVec
 	relayDur  prometheus.Histogram
@@ -43,12 +44,16 @@ func newMetrics() *metrics {
 		}, []string{"cause"}),
 		closes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_closes_total",
-			Help: "Connections closed by the server, by close code (ping_timeout: dropped without a close frame).",
+			Help: "Connections closed by the server, by close code (ping_timeout, write_failed: dropped without a close frame).",
 		}, []string{"code"}),
 		limited: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_rate_limited_total",
 			Help: "Requests refused with 429, by endpoint.",
 		}, []string{"endpoint"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "wsrouter_refusals_total",
+			Help: "Requests to /register, /connect and /remove answered with an error status, by endpoint and status (relay requests are in wsrouter_relay_requests_total).",
+		}, []string{"endpoint", "status"}),
 		keyChecks: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "wsrouter_key_check_seconds",
 			Help:    "Key checks, by how they were decided (bcrypt or remembered), waiting for a hash worker included.",
@@ -78,7 +83,7 @@ func newMetrics() *metrics {
 		m.bytesIn[i] = bytes.WithLabelValues("in", typ)
 		m.bytesOut[i] = bytes.WithLabelValues("out", typ)
 	}
-	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.keyChecks,
+	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.keyChecks,
 		m.relays, m.relayDur, msgs, bytes,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -162,13 +167,20 @@ func (m *metrics) removedBy(c registry.Cause) { m.removed.WithLabelValues(c.Stri
 
 func (m *metrics) closed(code int) {
 	label := strconv.Itoa(code)
-	if code == codePingTimeout {
+	switch code {
+	case codePingTimeout:
 		label = "ping_timeout"
+	case codeWriteFailed:
+		label = "write_failed"
 	}
 	m.closes.WithLabelValues(label).Inc()
 }
 
 func (m *metrics) rateLimited(endpoint string) { m.limited.WithLabelValues(endpoint).Inc() }
+
+func (m *metrics) refused(endpoint string, status int) {
+	m.refusals.WithLabelValues(endpoint, strconv.Itoa(status)).Inc()
+}
 
 func (m *metrics) keyChecked(how registry.KeyCheck, d time.Duration) {
 	label := "bcrypt"

@@ -56,14 +56,14 @@ func (q *sendQueue) startLocked() bool {
 	return true
 }
 
-// push queues msg unless that would exceed the budget; an empty queue always
-// takes one message, so a message up to -max-message always fits. start
-// says the caller must start a writer.
-func (q *sendQueue) push(msg registry.Message) (ok, start bool) {
+// push queues msg unless bounded and that would exceed the budget; an empty
+// queue always takes one message, so a message up to -max-message always
+// fits. start says the caller must start a writer.
+func (q *sendQueue) push(msg registry.Message, bounded bool) (ok, start bool) {
 	cost := len(msg.Data) + msgOverhead
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if len(q.msgs) > 0 && q.bytes+cost > q.max {
+	if bounded && len(q.msgs) > 0 && q.bytes+cost > q.max {
 		return false, false
 	}
 	q.msgs = append(q.msgs, msg)

@@ -36,7 +36,8 @@ var (
 // of limits, ServeHTTP, hop-by-hop headers stripped both ways, a correlation
 // id, and the pending entry removed in a defer on every exit path.
 type relay struct {
-	rt *Router
+	rt  *Router
+	now func() time.Time // time.Now; tests set a fake clock
 
 	// rooms holds the relay state of each registration that has had a
 	// relay request: *registry.Registration → *relayRoom. A sync.Map
@@ -180,7 +181,7 @@ func (rl *relay) hostFrame(reg *registry.Registration, data []byte) bool {
 		return false
 	}
 	// The frame is parsed further by its caller, off the host's reader.
-	return v.(*relayRoom).claim(rid, data, time.Now())
+	return v.(*relayRoom).claim(rid, data, rl.now())
 }
 
 // hostLeft fails the requests waiting on a host whose connection ended.
@@ -267,7 +268,8 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 			if errors.As(err, &tooBig) {
 				return nil, errTooLarge
 			}
-			return nil, fmt.Errorf("read relay body: %w", err)
+			// The caller's body broke off: its fault, not a 5xx.
+			return nil, paramError("request body unreadable")
 		}
 	}
 
@@ -286,19 +288,28 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	if err := room.add(rid, p, rt.cfg.RelayMaxPending); err != nil {
 		return nil, err
 	}
-	defer room.finish(rid, time.Now())
+	// The linger counts from the request's end, so the time is taken then.
+	defer func() { room.finish(rid, rl.now()) }()
 	// The registration or the host may have gone between the lookups above
 	// and add: removed and hostLeft run after the flags checked here are
 	// set, so either they saw the entry or this sees the flag.
 	if reg.Removed() {
-		room.close(errHostGone)
+		if rt.draining.Load() {
+			room.close(errShuttingDown)
+		} else {
+			room.close(errHostGone)
+		}
 		rl.rooms.CompareAndDelete(reg, room)
 	}
 	if c, ok := host.(*conn); ok && c.isGone() {
 		room.failHost(host)
 	}
 
-	host.Send(registry.Message{Data: frame})
+	if c, ok := host.(*conn); ok {
+		c.sendRelay(registry.Message{Data: frame})
+	} else {
+		host.Send(registry.Message{Data: frame})
+	}
 
 	timer := time.NewTimer(rt.cfg.RelayTimeout)
 	defer timer.Stop()

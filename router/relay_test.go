@@ -124,6 +124,9 @@ func TestRelayRequestFrame(t *testing.T) {
 	}
 	resp.Body.Close()
 	f = <-frames
+	if _, ok := f.Headers["X-Key"]; ok {
+		t.Error("X-Key passed to the device, want it stripped")
+	}
 	if f.Method != "PUT" || f.Path != "/" || f.Query != nil {
 		t.Errorf("got %s %s %v, want PUT / and no query", f.Method, f.Path, f.Query)
 	}
@@ -552,4 +555,45 @@ func TestRelayKeyInBodyIsForwarded(t *testing.T) {
 	if f := <-frames; f.Body == nil || *f.Body != "key=device-field" {
 		t.Fatalf("got body %v, want the form untouched", f.Body)
 	}
+}
+
+// TestRelayLateReplyWindow checks the 60 s during which a finished request's
+// rid still claims its reply, counted from the request's end, on a fake
+// clock: the request waits 100 s (by that clock) before timing out, a reply
+// 59 s after the timeout is swallowed, one 61 s after is an ordinary host
+// message.
+func TestRelayLateReplyWindow(t *testing.T) {
+	ts := newTestServer(t, Config{RelayTimeout: 50 * time.Millisecond})
+	clock := &fakeClock{now: time.Unix(1_000_000, 0)}
+	ts.rt.relay.now = clock.Now
+	id := ts.register(t, "hostclient")
+	client := ts.dial(t, id, "client")
+	dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
+
+	late := func() relayRequest {
+		res := make(chan int, 1)
+		go func() {
+			code, _, _ := ts.do(t, "GET", relayURL(id, "/late", nil), nil, nil)
+			res <- code
+		}()
+		f := <-frames
+		clock.Advance(100 * time.Second) // the request is old when it ends
+		if code := <-res; code != 504 {
+			t.Fatalf("got %d, want 504", code)
+		}
+		return f
+	}
+	ctx := context.Background()
+
+	f := late()
+	clock.Advance(59 * time.Second)
+	dev.Write(ctx, websocket.MessageText, []byte(reply(f, map[string]any{"content": "59 s late"})))
+	dev.Write(ctx, websocket.MessageText, []byte("marker 1"))
+	expectNext(t, client, "marker 1")
+
+	f = late()
+	clock.Advance(61 * time.Second)
+	r := reply(f, map[string]any{"content": "61 s late"})
+	dev.Write(ctx, websocket.MessageText, []byte(r))
+	expectNext(t, client, r)
 }

@@ -26,9 +26,12 @@ type Config struct {
 	// 0 means 1 MiB. A larger one closes its sender with 1009.
 	MaxMessage int64
 	// SendQueueBytes bounds each member's send queue, in payload bytes plus
-	// 64 per message; 0 means 1 MiB. It absorbs bursts from many senders; a
+	// 64 per message; 0 means 4 MiB. It absorbs bursts from many senders; a
 	// receiver that falls further behind is a slow consumer (4008). An
-	// empty queue always takes one message, however large.
+	// empty queue always takes one message, however large; keep it at
+	// least twice MaxMessage so that a large message does not close a
+	// receiver that merely has something queued. Relay request frames
+	// are not counted against it.
 	SendQueueBytes int
 	// WriteTimeout bounds every write, close frames included; 0 means 10 s.
 	WriteTimeout time.Duration
@@ -80,7 +83,7 @@ func (c *Config) setDefaults() {
 		c.MaxMessage = 1 << 20
 	}
 	if c.SendQueueBytes <= 0 {
-		c.SendQueueBytes = 1 << 20
+		c.SendQueueBytes = 4 << 20
 	}
 	if c.WriteTimeout <= 0 {
 		c.WriteTimeout = 10 * time.Second
@@ -133,7 +136,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	}
 	m := newMetrics()
 	rt := &Router{cfg: cfg, log: log, metrics: m}
-	rt.relay = &relay{rt: rt}
+	rt.relay = &relay{rt: rt, now: time.Now}
 	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry
 	onRemove, onKeyCheck := regCfg.OnRemove, regCfg.OnKeyCheck
@@ -221,7 +224,7 @@ func (rt *Router) serveHealth(w http.ResponseWriter, r *http.Request) {
 
 func (rt *Router) serveRegister(w http.ResponseWriter, r *http.Request) {
 	if err := rt.register(w, r); err != nil {
-		writeError(w, err)
+		rt.refuse(w, "register", err)
 	}
 }
 
@@ -285,7 +288,7 @@ func acceptsJSON(r *http.Request) bool {
 
 func (rt *Router) serveRemove(w http.ResponseWriter, r *http.Request) {
 	if err := rt.remove(w, r); err != nil {
-		writeError(w, err)
+		rt.refuse(w, "remove", err)
 		return
 	}
 	w.WriteHeader(http.StatusOK)
@@ -312,17 +315,20 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if err := rt.keyLockout(r, "remove"); err != nil {
+	refund, err := rt.keyLockout(r, "remove")
+	if err != nil {
 		return err
 	}
 	// Both keys are always checked, so the time taken does not tell which
-	// one was wrong.
+	// one was wrong. The reserved token pays for one wrong key; a second
+	// takes another.
 	errKey := reg.CheckKey(r.Context(), key)
 	errHost := reg.CheckHostKey(r.Context(), hostKey)
-	for _, e := range []error{errKey, errHost} {
-		if errors.Is(e, registry.ErrForbidden) {
-			rt.keyFailed(r)
-		}
+	switch badKey, badHost := errors.Is(errKey, registry.ErrForbidden), errors.Is(errHost, registry.ErrForbidden); {
+	case badKey && badHost:
+		rt.keyFailed(r)
+	case !badKey && !badHost:
+		refund()
 	}
 	if err := errors.Join(errKey, errHost); err != nil {
 		return err
@@ -334,7 +340,7 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	c, err := rt.admit(w, r)
 	if err != nil {
-		writeError(w, err)
+		rt.refuse(w, "connect", err)
 		return
 	}
 
@@ -351,6 +357,10 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		// Accept has answered the request.
 		c.log.Debug("upgrade failed", "err", err)
 		c.reg.Leave(c)
+		close(c.gone)
+		if c.role == registry.RoleHost {
+			rt.relay.hostLeft(c) // a relay may have picked it meanwhile
+		}
 		rt.conns.Done()
 		return
 	}
@@ -424,12 +434,13 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 
 // checkKey checks a member key under the failed-key lockout.
 func (rt *Router) checkKey(r *http.Request, endpoint string, reg *registry.Registration, key string) error {
-	if err := rt.keyLockout(r, endpoint); err != nil {
+	refund, err := rt.keyLockout(r, endpoint)
+	if err != nil {
 		return err
 	}
-	err := reg.CheckKey(r.Context(), key)
-	if errors.Is(err, registry.ErrForbidden) {
-		rt.keyFailed(r)
+	err = reg.CheckKey(r.Context(), key)
+	if !errors.Is(err, registry.ErrForbidden) {
+		refund() // only a wrong key costs a token
 	}
 	return err
 }
@@ -495,6 +506,14 @@ func (rt *Router) sweepLimits() {
 			return
 		}
 	}
+}
+
+// refuse answers a refused request with its status and counts it by endpoint
+// and status (SPEC §8: every refusal is counted).
+func (rt *Router) refuse(w http.ResponseWriter, endpoint string, err error) {
+	code, _ := status(err)
+	rt.metrics.refused(endpoint, code)
+	writeError(w, err)
 }
 
 // Registry returns the router's registry.

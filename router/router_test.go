@@ -706,3 +706,44 @@ func TestCORSPreflight(t *testing.T) {
 		t.Fatalf("HEAD /healthz: got %d, want 200", code)
 	}
 }
+
+// TestStalledWriteDropped: a member whose writes stall past -write-timeout
+// is dropped (no close frame can follow a broken write) while the others
+// carry on.
+func TestStalledWriteDropped(t *testing.T) {
+	ts := newTestServer(t, Config{SendQueueBytes: 256 << 20, WriteTimeout: 100 * time.Millisecond})
+	id := ts.register(t, "lobby")
+	sender, stalled, fast := ts.dial(t, id, ""), ts.dial(t, id, ""), ts.dial(t, id, "")
+	dropped := make(chan struct{})
+	go func() {
+		waitFor(t, ts.closes, "a write failure", func(c int) bool { return c == codeWriteFailed })
+		close(dropped)
+	}()
+	payload := bytes.Repeat([]byte("y"), 256<<10)
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	for sent := 0; ; sent++ {
+		select {
+		case <-dropped:
+			write(t, sender, "after")
+			for {
+				if _, m := read(t, fast); m == "after" {
+					break
+				}
+			}
+			if code, _ := closeStatus(t, stalled); code != -1 {
+				t.Fatalf("stalled member: got close %d, want the socket dropped", code)
+			}
+			return
+		case <-ctx.Done():
+			t.Fatalf("no write failure after %d messages", sent)
+		default:
+		}
+		if err := sender.Write(ctx, websocket.MessageBinary, payload); err != nil {
+			t.Fatal(err)
+		}
+		if _, b, err := fast.Read(ctx); err != nil || len(b) != len(payload) {
+			t.Fatalf("fast member: %d bytes, %v", len(b), err)
+		}
+	}
+}
