@@ -253,11 +253,12 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	if err != nil {
 		return nil, err
 	}
-	if reg.Type != registry.HostClient {
-		return nil, errNotHostClient
-	}
+	// The key first: without it, not even the registration's type is told.
 	if err := rt.checkKey(r, "relay", reg, key); err != nil {
 		return nil, err
+	}
+	if reg.Type != registry.HostClient {
+		return nil, errNotHostClient
 	}
 
 	var body []byte
