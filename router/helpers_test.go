@@ -212,3 +212,21 @@ func waitFor[T any](t *testing.T, ch <-chan T, what string, f func(T) bool) {
 
 // regCfgKeep keeps emptied registrations for the test's duration.
 func regCfgKeep() registry.Config { return registry.Config{GCGrace: time.Hour} }
+
+// dialPinged joins a lobby as a member that reports each ping it receives
+// (and, since coder/websocket answers while reading, pongs while it reads).
+func (ts *testServer) dialPinged(t testing.TB, id string) (*websocket.Conn, <-chan struct{}) {
+	t.Helper()
+	pings := make(chan struct{}, 1000)
+	q := url.Values{"id": {id}, "key": {testKey}}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, ts.wsURL("/connect", q), &websocket.DialOptions{
+		OnPingReceived: func(context.Context, []byte) bool { offer(pings, struct{}{}); return true },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.CloseNow() })
+	return c, pings
+}

@@ -424,17 +424,9 @@ func TestPingTimeout(t *testing.T) {
 	id := ts.register(t, "lobby")
 
 	// A member that reads answers pings and stays through several of them.
-	pings := make(chan struct{}, 100)
-	q := url.Values{"id": {id}, "key": {testKey}}
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	alive, _, err := websocket.Dial(ctx, ts.wsURL("/connect", q), &websocket.DialOptions{
-		OnPingReceived: func(context.Context, []byte) bool { pings <- struct{}{}; return true },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer alive.CloseNow()
+	alive, pings := ts.dialPinged(t, id)
 	readErr := make(chan error, 1)
 	go func() {
 		_, _, err := alive.Read(ctx)
@@ -628,17 +620,9 @@ func TestShutdown(t *testing.T) {
 func TestIdleAfterWriteSurvivesPings(t *testing.T) {
 	ts := newTestServer(t, Config{PingInterval: 10 * time.Millisecond, WriteTimeout: 30 * time.Millisecond})
 	id := ts.register(t, "lobby")
-	pings := make(chan struct{}, 1000)
-	q := url.Values{"id": {id}, "key": {testKey}}
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	r, _, err := websocket.Dial(ctx, ts.wsURL("/connect", q), &websocket.DialOptions{
-		OnPingReceived: func(context.Context, []byte) bool { pings <- struct{}{}; return true },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer r.CloseNow()
+	r, pings := ts.dialPinged(t, id)
 	s := ts.dial(t, id, "")
 	write(t, s, "first")
 	expectNext(t, r, "first")
