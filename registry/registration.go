@@ -123,6 +123,7 @@ type Registration struct {
 	lastActive atomic.Int64 // unix nanoseconds of the last join, leave or message
 	msgsIn     atomic.Uint64
 	msgsOut    atomic.Uint64
+	hostNext   atomic.Uint64 // round-robin cursor for PickHost
 
 	mu         sync.Mutex
 	members    map[Member]Role // guarded by mu
@@ -132,7 +133,6 @@ type Registration struct {
 	timerEpoch uint64          // guarded by mu; bumped whenever timer is replaced or stopped
 	keyMAC     []byte          // guarded by mu; HMAC of the key once bcrypt accepted it
 	hostKeyMAC []byte          // guarded by mu; the same for the host key
-	hostNext   uint64          // guarded by mu; round-robin cursor for PickHost
 }
 
 // Join adds m with role. Errors: ErrClosed once the registry closed,
@@ -266,10 +266,7 @@ func (reg *Registration) PickHost() Member {
 	if len(hosts) == 0 {
 		return nil
 	}
-	reg.mu.Lock()
-	i := reg.hostNext
-	reg.hostNext++
-	reg.mu.Unlock()
+	i := reg.hostNext.Add(1) - 1
 	return hosts[i%uint64(len(hosts))]
 }
 
