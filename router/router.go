@@ -427,6 +427,11 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	c := rt.newConn(reg, role)
 	if err := reg.Join(c, role); err != nil {
 		rt.conns.Done()
+		if rt.draining.Load() {
+			// Shutdown removed the registration meanwhile: that is a
+			// 503, not an unknown id.
+			return nil, errShuttingDown
+		}
 		return nil, err
 	}
 	return c, nil
