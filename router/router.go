@@ -53,6 +53,20 @@ type Config struct {
 	// RelayMaxPending bounds the relay requests waiting on one
 	// registration; 0 means 100. Past it callers get 429.
 	RelayMaxPending int
+	// RelayQueueBytes bounds the relay request frames queued to one
+	// device and not yet written, in bytes; 0 means 8 MiB (at least two
+	// frames of RelayMaxBody). Past it callers get 503: the device does
+	// not read fast enough. It is separate from SendQueueBytes, so relay
+	// traffic never closes a device as a slow consumer.
+	RelayQueueBytes int64
+	// RelayMaxMemory bounds the bytes of relayed requests held in memory
+	// by the whole process (bodies and their frames); 0 means 256 MiB.
+	// Past it callers get 503.
+	RelayMaxMemory int64
+	// RateMessage bounds each member's frames per second, data and
+	// control (ping) frames alike; a member over it is closed with 1008.
+	// A zero Rate means no limit.
+	RateMessage Limit
 	// Per-client-IP rate limits (SPEC §8); a zero Rate turns one off.
 	RateRegister, RateConnect, RateRelay Limit
 	// RateBadKey is the failed-key bucket: each wrong key or host key on
@@ -102,6 +116,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.RelayMaxPending <= 0 {
 		c.RelayMaxPending = 100
+	}
+	if c.RelayQueueBytes <= 0 {
+		c.RelayQueueBytes = max(8<<20, 3*c.RelayMaxBody)
+	}
+	if c.RelayMaxMemory <= 0 {
+		c.RelayMaxMemory = 256 << 20
 	}
 }
 
