@@ -228,7 +228,7 @@ func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayResponse, error) {
 	rt := rl.rt
-	if rt.draining.Load() {
+	if rt.closing.Load() {
 		return nil, errShuttingDown
 	}
 	if err := rt.allow(rt.limits.relay, "relay", r); err != nil {
@@ -295,7 +295,7 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	// and add: removed and hostLeft run after the flags checked here are
 	// set, so either they saw the entry or this sees the flag.
 	if reg.Removed() {
-		if rt.draining.Load() {
+		if rt.closing.Load() {
 			room.close(errShuttingDown)
 		} else {
 			room.close(errHostGone)

@@ -141,7 +141,10 @@ type Router struct {
 	mu           sync.Mutex
 	shuttingDown bool           // guarded by mu
 	conns        sync.WaitGroup // Add under mu while !shuttingDown
-	draining     atomic.Bool    // mirrors shuttingDown for lock-free reads
+	closing      atomic.Bool    // mirrors shuttingDown for lock-free reads
+	// draining turns /healthz and /register to 503 ahead of shutdown, so a
+	// load balancer stops sending new work while members keep talking.
+	draining atomic.Bool
 
 	// onClose, if set (by tests, before serving), observes every
 	// server-side close as noteClose counts it.
@@ -400,7 +403,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 // registration and counts the connection for Shutdown. On success the caller
 // owns a conn.Done and a Leave.
 func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
-	if rt.draining.Load() {
+	if rt.closing.Load() {
 		return nil, errShuttingDown
 	}
 	if err := rt.allow(rt.limits.connect, "connect", r); err != nil {
@@ -447,7 +450,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	c := rt.newConn(reg, role)
 	if err := reg.Join(c, role); err != nil {
 		rt.conns.Done()
-		if rt.draining.Load() {
+		if rt.closing.Load() {
 			// Shutdown removed the registration meanwhile: that is a
 			// 503, not an unknown id.
 			return nil, errShuttingDown
@@ -497,6 +500,7 @@ func headerHasToken(h http.Header, name, token string) bool {
 func (rt *Router) Shutdown(ctx context.Context) error {
 	rt.mu.Lock()
 	rt.shuttingDown = true
+	rt.closing.Store(true)
 	rt.draining.Store(true)
 	rt.mu.Unlock()
 
@@ -565,6 +569,6 @@ func (rt *Router) originAllowed(r *http.Request) bool {
 	return false
 }
 
-// SetDraining turns /healthz to 503 and refuses new registrations, joins
-// and relays with 503, ahead of Shutdown.
+// SetDraining turns /healthz and /register to 503 ahead of Shutdown
+// (-drain-delay): members, connects and relays carry on until Shutdown.
 func (rt *Router) SetDraining() { rt.draining.Store(true) }
