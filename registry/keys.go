@@ -26,6 +26,9 @@ const (
 	KeyBcrypt KeyCheck = iota
 	// KeyRemembered means the keyed hash of an earlier verified key matched.
 	KeyRemembered
+	// KeyShared means the check waited for a bcrypt of the same key that
+	// another check had started.
+	KeyShared
 )
 
 // hasher runs bcrypt on a bounded pool of workers. A flood of connects
@@ -95,34 +98,162 @@ func mac(key string) (sum [sha256.Size]byte) {
 // every repeated connect and relay request computes one.
 var macPool = sync.Pool{New: func() any { return hmac.New(sha256.New, secret) }}
 
-// check verifies key against hash, remembering the key's MAC in *memo
-// (guarded by reg.mu) once bcrypt has accepted it. A registration has exactly
-// one valid key and one valid host key, so the memo is one value each and
-// cannot grow. A wrong key always pays bcrypt.
-func (reg *Registration) check(ctx context.Context, key string, hash []byte, memo *[]byte) error {
+// Gate admits a key check that is about to run bcrypt, the only kind that can
+// fail: the router uses it to bound parallel guesses from one address. end
+// is called once the check is decided, with failed set for a wrong key. A
+// nil Gate admits everything.
+type Gate func() (end func(failed bool), err error)
+
+// flightKey names one bcrypt in flight: which hash it checks against and the
+// MAC of the presented key. Concurrent checks of the same key share it.
+type flightKey struct {
+	host bool
+	mac  [sha256.Size]byte
+}
+
+// flight is one bcrypt comparison that concurrent checks of the same key
+// wait for; err is written before done is closed.
+type flight struct {
+	done chan struct{}
+	err  error
+}
+
+// CheckKey verifies key against the registration's key. A key verified
+// before is recognised by its MAC without bcrypt; concurrent checks of the
+// same key share one bcrypt, so a fleet reconnecting to one registration
+// costs one hash. gate, if not nil, admits a check that starts a bcrypt.
+func (reg *Registration) CheckKey(ctx context.Context, key string, gate Gate) error {
+	return reg.check(ctx, key, false, gate)
+}
+
+// CheckHostKey verifies hostKey against the registration's host key, as
+// CheckKey does.
+func (reg *Registration) CheckHostKey(ctx context.Context, hostKey string, gate Gate) error {
+	return reg.check(ctx, hostKey, true, gate)
+}
+
+func (reg *Registration) check(ctx context.Context, key string, host bool, gate Gate) error {
 	start := time.Now()
-	m := mac(key)
-	reg.mu.Lock()
-	known := *memo
-	reg.mu.Unlock()
+	fk := flightKey{host: host, mac: mac(key)}
 	observe := reg.registry.cfg.OnKeyCheck
-	if known != nil && hmac.Equal(known, m[:]) {
+	memo, hash := &reg.keyMAC, reg.keyHash
+	if host {
+		memo, hash = &reg.hostKeyMAC, reg.hostKeyHash
+	}
+
+	// A remembered key, or a bcrypt of the same key already running.
+	reg.mu.Lock()
+	known, f := *memo, reg.flights[fk]
+	reg.mu.Unlock()
+	if known != nil && hmac.Equal(known, fk.mac[:]) {
 		if observe != nil {
 			observe(KeyRemembered, time.Since(start))
 		}
 		return nil
 	}
-	err := reg.registry.hasher.compare(ctx, hash, key)
-	// Only a match or a mismatch is a decision: a check that gave up
-	// waiting for a worker (ErrBusy) or whose context ended is not observed.
-	if observe != nil && (err == nil || errors.Is(err, ErrForbidden)) {
-		observe(KeyBcrypt, time.Since(start))
+	if f != nil {
+		return reg.await(ctx, f, key, host, gate, start)
 	}
-	if err != nil {
-		return fmt.Errorf("check key for %s: %w", reg.ID, err)
+
+	var end func(failed bool)
+	if gate != nil {
+		var err error
+		if end, err = gate(); err != nil {
+			return err
+		}
 	}
 	reg.mu.Lock()
-	*memo = m[:]
+	if f := reg.flights[fk]; f != nil {
+		// Another check of this key started while the gate was asked.
+		reg.mu.Unlock()
+		if end != nil {
+			end(false)
+		}
+		return reg.await(ctx, f, key, host, gate, start)
+	}
+	f = &flight{done: make(chan struct{})}
+	if reg.flights == nil {
+		reg.flights = make(map[flightKey]*flight)
+	}
+	reg.flights[fk] = f
 	reg.mu.Unlock()
-	return nil
+
+	// Once a worker is had, bcrypt runs to its end even if this caller
+	// goes away. A caller that gives up waiting for a worker ends the
+	// flight with its context's error; those waiting on it try again.
+	err := reg.registry.hasher.compare(ctx, hash, key)
+	if err != nil {
+		err = fmt.Errorf("check key for %s: %w", reg.ID, err)
+	}
+	reg.mu.Lock()
+	delete(reg.flights, fk)
+	if err == nil {
+		*memo = fk.mac[:]
+	}
+	f.err = err
+	close(f.done)
+	reg.mu.Unlock()
+	if end != nil {
+		end(errors.Is(err, ErrForbidden))
+	}
+	// Only a match or a mismatch is a decision: a check that gave up
+	// waiting for a worker (ErrBusy) is not observed.
+	if observe != nil && decided(err) {
+		observe(KeyBcrypt, time.Since(start))
+	}
+	return err
 }
+
+// await waits for a bcrypt another check started, and checks again if that
+// one gave up before it had a worker.
+func (reg *Registration) await(ctx context.Context, f *flight, key string, host bool, gate Gate, start time.Time) error {
+	select {
+	case <-f.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if errors.Is(f.err, context.Canceled) || errors.Is(f.err, context.DeadlineExceeded) {
+		return reg.check(ctx, key, host, gate)
+	}
+	if observe := reg.registry.cfg.OnKeyCheck; observe != nil && decided(f.err) {
+		observe(KeyShared, time.Since(start))
+	}
+	return f.err
+}
+
+// CheckKeys verifies both keys for an administrative request (/remove) with
+// the same work whichever is wrong: two bcrypt comparisons every time,
+// remembered keys not consulted, and nothing remembered, so neither the
+// time taken nor a later request tells which key was wrong. gate admits it
+// as one check; end is told of a failure if either key was wrong. It
+// returns ErrForbidden wrapped with the number of wrong keys in wrong.
+func (reg *Registration) CheckKeys(ctx context.Context, key, hostKey string, gate Gate) (wrong int, err error) {
+	var end func(failed bool)
+	if gate != nil {
+		if end, err = gate(); err != nil {
+			return 0, err
+		}
+	}
+	start := time.Now()
+	errKey := reg.registry.hasher.compare(ctx, reg.keyHash, key)
+	errHost := reg.registry.hasher.compare(ctx, reg.hostKeyHash, hostKey)
+	for _, e := range []error{errKey, errHost} {
+		if errors.Is(e, ErrForbidden) {
+			wrong++
+		}
+	}
+	if end != nil {
+		end(wrong > 0)
+	}
+	if observe := reg.registry.cfg.OnKeyCheck; observe != nil && decided(errKey) && decided(errHost) {
+		observe(KeyBcrypt, time.Since(start))
+	}
+	if err := errors.Join(errKey, errHost); err != nil {
+		return wrong, fmt.Errorf("check keys for %s: %w", reg.ID, err)
+	}
+	return 0, nil
+}
+
+// decided reports whether a comparison reached a verdict (rather than giving
+// up waiting for a worker or for its context).
+func decided(err error) bool { return err == nil || errors.Is(err, ErrForbidden) }

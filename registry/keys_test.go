@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -17,7 +18,7 @@ func TestCheckKeys(t *testing.T) {
 	checkHostKey := (*Registration).CheckHostKey
 	tests := []struct {
 		name    string
-		check   func(*Registration, context.Context, string) error
+		check   func(*Registration, context.Context, string, Gate) error
 		key     string
 		wantErr error
 	}{
@@ -37,7 +38,7 @@ func TestCheckKeys(t *testing.T) {
 	// must not change any answer.
 	for round := 1; round <= 2; round++ {
 		for _, tt := range tests {
-			err := tt.check(reg, context.Background(), tt.key)
+			err := tt.check(reg, context.Background(), tt.key, nil)
 			if !errors.Is(err, tt.wantErr) {
 				t.Errorf("round %d, %s: got %v, want %v", round, tt.name, err, tt.wantErr)
 			}
@@ -53,7 +54,7 @@ func TestCheckKeyRemembered(t *testing.T) {
 
 	steps := []struct {
 		name    string
-		check   func(context.Context, string) error
+		check   func(context.Context, string, Gate) error
 		key     string
 		wantErr error
 		wantHow KeyCheck
@@ -72,7 +73,7 @@ func TestCheckKeyRemembered(t *testing.T) {
 	}
 	var wantHows []KeyCheck
 	for _, s := range steps {
-		err := s.check(ctx, s.key)
+		err := s.check(ctx, s.key, nil)
 		if !errors.Is(err, s.wantErr) {
 			t.Fatalf("%s: got %v, want %v", s.name, err, s.wantErr)
 		}
@@ -84,7 +85,7 @@ func TestCheckKeyRemembered(t *testing.T) {
 
 	// A second registration with the same keys remembers nothing yet.
 	other := mustCreate(t, r, "", HostClient)
-	if err := other.CheckKey(ctx, testKey); err != nil {
+	if err := other.CheckKey(ctx, testKey, nil); err != nil {
 		t.Fatalf("CheckKey on another registration: got %v, want nil", err)
 	}
 	hows, _ := kc.get()
@@ -96,7 +97,7 @@ func TestCheckKeyRemembered(t *testing.T) {
 func TestCheckKeyErrorNamesRegistration(t *testing.T) {
 	r := newTestRegistry(Config{})
 	reg := mustCreate(t, r, "room-42", Lobby)
-	err := reg.CheckKey(context.Background(), "wrong")
+	err := reg.CheckKey(context.Background(), "wrong", nil)
 	if !errors.Is(err, ErrForbidden) {
 		t.Fatalf("CheckKey: got %v, want ErrForbidden", err)
 	}
@@ -123,7 +124,7 @@ func TestCheckKeyBusy(t *testing.T) {
 		release := occupy(r)
 		for _, key := range []string{testKey, "wrong"} {
 			start := time.Now()
-			err := reg.CheckKey(ctx, key)
+			err := reg.CheckKey(ctx, key, nil)
 			if !errors.Is(err, ErrBusy) {
 				t.Fatalf("CheckKey(%q) with the pool busy: got %v, want ErrBusy", key, err)
 			}
@@ -131,7 +132,7 @@ func TestCheckKeyBusy(t *testing.T) {
 				t.Fatalf("CheckKey(%q) gave up after %v, want %v", key, got, wait)
 			}
 		}
-		if err := reg.CheckHostKey(ctx, testHostKey); !errors.Is(err, ErrBusy) {
+		if err := reg.CheckHostKey(ctx, testHostKey, nil); !errors.Is(err, ErrBusy) {
 			t.Fatalf("CheckHostKey with the pool busy: got %v, want ErrBusy", err)
 		}
 		if hows, _ := kc.get(); len(hows) != 0 {
@@ -152,7 +153,7 @@ func TestCheckKeyBusy(t *testing.T) {
 		// A busy check remembered nothing: once the worker is free, the
 		// right key still costs bcrypt the first time.
 		release()
-		if err := reg.CheckKey(ctx, testKey); err != nil {
+		if err := reg.CheckKey(ctx, testKey, nil); err != nil {
 			t.Fatalf("CheckKey with the pool free: got %v, want nil", err)
 		}
 		if hows, _ := kc.get(); !slices.Equal(hows, []KeyCheck{KeyBcrypt}) {
@@ -163,13 +164,13 @@ func TestCheckKeyBusy(t *testing.T) {
 		release = occupy(r)
 		defer release()
 		start := time.Now()
-		if err := reg.CheckKey(ctx, testKey); err != nil {
+		if err := reg.CheckKey(ctx, testKey, nil); err != nil {
 			t.Fatalf("remembered CheckKey with the pool busy: got %v, want nil", err)
 		}
 		if got := time.Since(start); got != 0 {
 			t.Fatalf("remembered CheckKey took %v, want no wait", got)
 		}
-		if err := reg.CheckKey(ctx, "wrong"); !errors.Is(err, ErrBusy) {
+		if err := reg.CheckKey(ctx, "wrong", nil); !errors.Is(err, ErrBusy) {
 			t.Fatalf("wrong CheckKey with the pool busy: got %v, want ErrBusy", err)
 		}
 		if hows, _ := kc.get(); !slices.Equal(hows, []KeyCheck{KeyBcrypt, KeyRemembered}) {
@@ -186,7 +187,7 @@ func TestCheckKeyWaitsForWorker(t *testing.T) {
 
 		release := occupy(r)
 		done := make(chan error, 1)
-		go func() { done <- reg.CheckKey(context.Background(), testKey) }()
+		go func() { done <- reg.CheckKey(context.Background(), testKey, nil) }()
 
 		// Just short of HashWait the check is still waiting.
 		time.Sleep(time.Second - time.Millisecond)
@@ -228,7 +229,7 @@ func TestCheckKeyCanceled(t *testing.T) {
 
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
-		go func() { done <- reg.CheckKey(ctx, testKey) }()
+		go func() { done <- reg.CheckKey(ctx, testKey, nil) }()
 		time.Sleep(time.Second)
 		cancel()
 		if err := <-done; !errors.Is(err, context.Canceled) {
@@ -249,4 +250,108 @@ func TestCheckKeyCanceled(t *testing.T) {
 			t.Fatalf("Get after a canceled Create: got %v, want ErrNotFound", err)
 		}
 	})
+}
+
+// TestCheckKeySharesOneBcrypt: concurrent checks of the same key for the same
+// registration run one bcrypt between them, pass the gate once, and all get
+// its answer; a different key is a bcrypt of its own.
+func TestCheckKeySharesOneBcrypt(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		key     string
+		wantErr error
+	}{
+		{"right key", testKey, nil},
+		{"wrong key", "wrong", ErrForbidden},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				var kc keyChecks
+				r := newTestRegistry(Config{OnKeyCheck: kc.record, HashWorkers: 1})
+				reg := mustCreate(t, r, "", HostClient)
+
+				var mu sync.Mutex
+				var gates, ends, failed int
+				gate := func() (func(bool), error) {
+					mu.Lock()
+					defer mu.Unlock()
+					gates++
+					return func(f bool) {
+						mu.Lock()
+						defer mu.Unlock()
+						ends++
+						if f {
+							failed++
+						}
+					}, nil
+				}
+
+				r.hasher.sem <- struct{}{} // hold the only worker
+				const n = 20
+				errs := make(chan error, n)
+				for range n {
+					go func() { errs <- reg.CheckKey(context.Background(), tt.key, gate) }()
+				}
+				synctest.Wait() // all waiting: one for the worker, the rest for it
+				<-r.hasher.sem
+				for range n {
+					if err := <-errs; !errors.Is(err, tt.wantErr) {
+						t.Errorf("CheckKey: got %v, want %v", err, tt.wantErr)
+					}
+				}
+				wantFailed := 0
+				if tt.wantErr != nil {
+					wantFailed = 1
+				}
+				if gates != 1 || ends != 1 || failed != wantFailed {
+					t.Errorf("gate: got %d calls, %d ends, %d failed; want 1, 1, %d", gates, ends, failed, wantFailed)
+				}
+				hows, _ := kc.get()
+				var bcrypts, shared int
+				for _, h := range hows {
+					switch h {
+					case KeyBcrypt:
+						bcrypts++
+					case KeyShared:
+						shared++
+					}
+				}
+				if bcrypts != 1 || shared != n-1 {
+					t.Errorf("key checks: got %d bcrypt and %d shared, want 1 and %d", bcrypts, shared, n-1)
+				}
+			})
+		})
+	}
+}
+
+// TestCheckKeysSameWork: /remove's check of both keys runs two bcrypts
+// whichever key is wrong, ignores and leaves the remembered keys alone.
+func TestCheckKeysSameWork(t *testing.T) {
+	var kc keyChecks
+	r := newTestRegistry(Config{OnKeyCheck: kc.record})
+	reg := mustCreate(t, r, "", HostClient)
+	ctx := context.Background()
+	for _, tt := range []struct {
+		name         string
+		key, hostKey string
+		wantWrong    int
+	}{
+		{"both wrong", "x", "y", 2},
+		{"key wrong", "x", testHostKey, 1},
+		{"host key wrong", testKey, "y", 1},
+		{"both right", testKey, testHostKey, 0},
+	} {
+		wrong, err := reg.CheckKeys(ctx, tt.key, tt.hostKey, nil)
+		if wrong != tt.wantWrong || (tt.wantWrong > 0) != errors.Is(err, ErrForbidden) {
+			t.Errorf("%s: got %d wrong, %v; want %d wrong", tt.name, wrong, err, tt.wantWrong)
+		}
+	}
+	// Nothing was remembered: a later check of the key still runs bcrypt.
+	if err := reg.CheckKey(ctx, testKey, nil); err != nil {
+		t.Fatalf("CheckKey: %v", err)
+	}
+	hows, _ := kc.get()
+	if got := hows[len(hows)-1]; got != KeyBcrypt {
+		t.Errorf("key check after CheckKeys: got %v, want %v (nothing remembered)", got, KeyBcrypt)
+	}
 }

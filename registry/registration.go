@@ -1,7 +1,6 @@
 package registry
 
 import (
-	"context"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -126,13 +125,14 @@ type Registration struct {
 	hostNext   atomic.Uint64 // round-robin cursor for PickHost
 
 	mu         sync.Mutex
-	members    map[Member]Role // guarded by mu
-	removed    bool            // guarded by mu
-	joined     bool            // guarded by mu; someone joined once
-	timer      *time.Timer     // guarded by mu; GC or unused TTL
-	timerEpoch uint64          // guarded by mu; bumped whenever timer is replaced or stopped
-	keyMAC     []byte          // guarded by mu; HMAC of the key once bcrypt accepted it
-	hostKeyMAC []byte          // guarded by mu; the same for the host key
+	members    map[Member]Role       // guarded by mu
+	removed    bool                  // guarded by mu
+	joined     bool                  // guarded by mu; someone joined once
+	timer      *time.Timer           // guarded by mu; GC or unused TTL
+	timerEpoch uint64                // guarded by mu; bumped whenever timer is replaced or stopped
+	keyMAC     []byte                // guarded by mu; HMAC of the key once bcrypt accepted it
+	hostKeyMAC []byte                // guarded by mu; the same for the host key
+	flights    map[flightKey]*flight // guarded by mu; bcrypts running, by key
 }
 
 // Join adds m with role. Errors: ErrClosed once the registry closed,
@@ -279,16 +279,6 @@ func (reg *Registration) Counts() (hosts, clients, members int) {
 // Stats returns the registration's message counters and last activity.
 func (reg *Registration) Stats() (msgsIn, msgsOut uint64, lastActive time.Time) {
 	return reg.msgsIn.Load(), reg.msgsOut.Load(), time.Unix(0, reg.lastActive.Load())
-}
-
-// CheckKey verifies key against the registration's key.
-func (reg *Registration) CheckKey(ctx context.Context, key string) error {
-	return reg.check(ctx, key, reg.keyHash, &reg.keyMAC)
-}
-
-// CheckHostKey verifies hostKey against the registration's host key.
-func (reg *Registration) CheckHostKey(ctx context.Context, hostKey string) error {
-	return reg.check(ctx, hostKey, reg.hostKeyHash, &reg.hostKeyMAC)
 }
 
 func (reg *Registration) publishLocked() {

@@ -368,7 +368,7 @@ func TestConcurrentUse(t *testing.T) {
 				reg.Counts()
 				reg.Stats()
 				if j%10 == 0 {
-					if err := reg.CheckKey(t.Context(), testKey); err != nil {
+					if err := reg.CheckKey(t.Context(), testKey, nil); err != nil {
 						t.Errorf("CheckKey: got %v, want nil", err)
 					}
 				}

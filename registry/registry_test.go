@@ -211,7 +211,7 @@ func TestCreateKeyLength(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Create with %d-byte keys: got %v, want nil", MaxKeyLen, err)
 	}
-	if err := reg.CheckKey(context.Background(), long); err != nil {
+	if err := reg.CheckKey(context.Background(), long, nil); err != nil {
 		t.Fatalf("CheckKey of a %d-byte key: got %v, want nil", MaxKeyLen, err)
 	}
 

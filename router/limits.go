@@ -30,8 +30,9 @@ type ipLimiter struct {
 }
 
 type limiterEntry struct {
-	lim  *rate.Limiter
-	last time.Time // guarded by ipLimiter.mu
+	lim      *rate.Limiter
+	last     time.Time // guarded by ipLimiter.mu
+	inflight int       // guarded by ipLimiter.mu; key checks running (failed-key bucket)
 }
 
 // newIPLimiter returns a limiter for l, or nil (no limit) when l.Rate is 0.
@@ -55,27 +56,34 @@ func newIPLimiter(l Limit, now func() time.Time) *ipLimiter {
 func (l *ipLimiter) entry(ip string, now time.Time) *rate.Limiter {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.entryLocked(ip, now).lim
+}
+
+func (l *ipLimiter) entryLocked(ip string, now time.Time) *limiterEntry {
 	e, ok := l.entries[ip]
 	if !ok {
 		if len(l.entries) >= maxLimiterEntries {
 			l.sweepLocked(now)
 		}
 		if len(l.entries) >= maxLimiterEntries {
-			for k := range l.entries {
-				delete(l.entries, k)
-				break
+			// Never one with checks running: its room would be lost.
+			for k, old := range l.entries {
+				if old.inflight == 0 {
+					delete(l.entries, k)
+					break
+				}
 			}
 		}
 		e = &limiterEntry{lim: rate.NewLimiter(l.limit, l.burst)}
 		l.entries[ip] = e
 	}
 	e.last = now
-	return e.lim
+	return e
 }
 
 func (l *ipLimiter) sweepLocked(now time.Time) {
 	for k, e := range l.entries {
-		if now.Sub(e.last) >= l.idle {
+		if e.inflight == 0 && now.Sub(e.last) >= l.idle {
 			delete(l.entries, k)
 		}
 	}
@@ -110,31 +118,73 @@ func (l *ipLimiter) take(ip string) time.Duration {
 	return 0
 }
 
-// reserve takes a token for ip up front and returns a refund, or how long
-// until a token is available. The failed-key lockout reserves before every
-// key check and refunds when the check did not fail: checking without
-// taking would let any number of parallel guesses through on the last
-// token.
-func (l *ipLimiter) reserve(ip string) (refund func(), wait time.Duration) {
+// The failed-key bucket is used differently from the others: a token is
+// taken only for a wrong key, never for a right one, and an address is
+// locked out while it has none. So that parallel guesses cannot all pass on
+// the last token, the key checks an address has running count against its
+// tokens: a check may start only while tokens - inflight >= 1. Concurrent
+// checks of the same key share one bcrypt and one slot (registry.Gate is
+// asked only by the check that starts the bcrypt).
+
+// lockedOut returns how long until ip has a token again, or 0 when it has
+// one.
+func (l *ipLimiter) lockedOut(ip string) time.Duration {
 	if l == nil {
-		return func() {}, 0
+		return 0
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	now := l.now()
-	r := l.entry(ip, now).ReserveN(now, 1)
-	if d := r.DelayFrom(now); d > 0 {
-		r.CancelAt(now)
-		return nil, d
-	}
-	return func() { r.CancelAt(l.now()) }, 0
+	return l.waitLocked(l.entryLocked(ip, now), now, 0)
 }
 
-// spend takes a token for ip if there is one (a failed key check).
+// waitLocked is how long until e has a token beyond those held by inflight
+// checks; 0 if it has one now.
+func (l *ipLimiter) waitLocked(e *limiterEntry, now time.Time, inflight int) time.Duration {
+	short := 1 - (e.lim.TokensAt(now) - float64(inflight))
+	if short <= 0 {
+		return 0
+	}
+	return time.Duration(short / float64(l.limit) * float64(time.Second))
+}
+
+// begin admits a key check from ip that is about to run bcrypt, holding one
+// token's worth of room until end. end takes the token when the check
+// failed. wait > 0 means ip has no room (the caller answers 429).
+func (l *ipLimiter) begin(ip string) (end func(failed bool), wait time.Duration) {
+	if l == nil {
+		return func(bool) {}, 0
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	e := l.entryLocked(ip, now)
+	if d := l.waitLocked(e, now, e.inflight); d > 0 {
+		return nil, d
+	}
+	e.inflight++
+	return func(failed bool) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		e.inflight--
+		if failed {
+			// ReserveN goes into debt where AllowN would take nothing:
+			// a failure always costs its token.
+			e.lim.ReserveN(l.now(), 1)
+		}
+	}, 0
+}
+
+// spend takes a token for ip: a failed key check that did not pass through
+// begin (a second wrong key, or a check that shared another's bcrypt).
 func (l *ipLimiter) spend(ip string) {
 	if l == nil {
 		return
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	now := l.now()
-	l.entry(ip, now).AllowN(now, 1)
+	l.entryLocked(ip, now).lim.ReserveN(now, 1)
 }
 
 // limits holds the router's per-IP limiters.
@@ -205,21 +255,56 @@ func (rt *Router) allow(l *ipLimiter, endpoint string, r *http.Request) error {
 	return nil
 }
 
-// keyLockout refuses an address that has used up its failed-key tokens,
-// right key or not, so that keys cannot be guessed at bcrypt speed from one
-// address. Otherwise it holds one token for the key check to come; the
-// caller refunds it unless the check failed.
-func (rt *Router) keyLockout(r *http.Request, endpoint string) (refund func(), err error) {
-	refund, d := rt.limits.badKey.reserve(rt.limits.clientIP(r))
-	if d > 0 {
-		rt.metrics.rateLimited(endpoint)
-		return nil, &errRateLimited{retry: d}
-	}
-	return refund, nil
+// keyGuard applies the failed-key bucket to the key checks of one request:
+// lockout refuses an address that has used up its tokens, right key or not,
+// so that keys cannot be guessed at bcrypt speed from one address; gate
+// admits a check that runs bcrypt; failed charges a wrong key that gate did
+// not already charge.
+type keyGuard struct {
+	rt       *Router
+	r        *http.Request
+	endpoint string
+	ip       string
 }
 
-// keyFailed takes a further failed-key token from r's client (a second wrong
-// key in one request).
-func (rt *Router) keyFailed(r *http.Request) {
-	rt.limits.badKey.spend(rt.limits.clientIP(r))
+func (rt *Router) keyGuard(r *http.Request, endpoint string) *keyGuard {
+	return &keyGuard{rt: rt, r: r, endpoint: endpoint, ip: rt.limits.clientIP(r)}
+}
+
+// lockout returns the 429 for an address with no failed-key token left.
+func (g *keyGuard) lockout() error {
+	if d := g.rt.limits.badKey.lockedOut(g.ip); d > 0 {
+		return g.limited(d)
+	}
+	return nil
+}
+
+func (g *keyGuard) limited(d time.Duration) error {
+	g.rt.metrics.rateLimited(g.endpoint)
+	g.rt.logs.warn("lockout", "client locked out after failed key checks", "endpoint", g.endpoint, "client", g.ip, "retry_after", d.Round(time.Second))
+	return &errRateLimited{retry: d}
+}
+
+// gate is the registry.Gate of this request's checks.
+func (g *keyGuard) gate() (func(failed bool), error) {
+	end, d := g.rt.limits.badKey.begin(g.ip)
+	if d > 0 {
+		return nil, g.limited(d)
+	}
+	return end, nil
+}
+
+// failed records a failed check: logged, and charged extra tokens beyond
+// the one the gate's end took (a second wrong key in one request, or a check
+// with no gate). A check that shared another's bcrypt and failed costs
+// nothing more: an identical guess tells nothing new.
+func (g *keyGuard) failed(reg string, extra int) {
+	for range extra {
+		g.rt.limits.badKey.spend(g.ip)
+	}
+	args := []any{"endpoint", g.endpoint, "client", g.ip}
+	if reg != "" {
+		args = append(args, "reg", reg)
+	}
+	g.rt.logs.warn("badkey", "key check failed", args...)
 }

@@ -56,7 +56,7 @@ func newMetrics() *metrics {
 		}, []string{"endpoint", "status"}),
 		keyChecks: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "wsrouter_key_check_seconds",
-			Help:    "Key checks, by how they were decided (bcrypt or remembered), waiting for a hash worker included.",
+			Help:    "Key checks, by how they were decided (bcrypt, remembered, or shared: waited for a bcrypt of the same key), waiting for a hash worker included.",
 			Buckets: []float64{.00001, .0001, .001, .01, .025, .05, .1, .25, .5, 1, 2.5},
 		}, []string{"how"}),
 		relays: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -184,8 +184,11 @@ func (m *metrics) refused(endpoint string, status int) {
 
 func (m *metrics) keyChecked(how registry.KeyCheck, d time.Duration) {
 	label := "bcrypt"
-	if how == registry.KeyRemembered {
+	switch how {
+	case registry.KeyRemembered:
 		label = "remembered"
+	case registry.KeyShared:
+		label = "shared"
 	}
 	m.keyChecks.WithLabelValues(label).Observe(d.Seconds())
 }

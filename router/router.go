@@ -130,6 +130,7 @@ type Router struct {
 	cfg     Config
 	reg     *registry.Registry
 	log     *slog.Logger
+	logs    *limitedLog // events a client can cause at will
 	mux     *httprouter.Router
 	metrics *metrics
 	relay   *relay
@@ -158,7 +159,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 		log = slog.New(slog.DiscardHandler)
 	}
 	m := newMetrics()
-	rt := &Router{cfg: cfg, log: log, metrics: m}
+	rt := &Router{cfg: cfg, log: log, logs: newLimitedLog(log), metrics: m}
 	rt.relay = &relay{rt: rt, now: time.Now}
 	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry
@@ -338,22 +339,17 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	refund, err := rt.keyLockout(r, "remove")
-	if err != nil {
+	g := rt.keyGuard(r, "remove")
+	if err := g.lockout(); err != nil {
 		return err
 	}
-	// Both keys are always checked, so the time taken does not tell which
-	// one was wrong. The reserved token pays for one wrong key; a second
-	// takes another.
-	errKey := reg.CheckKey(r.Context(), key)
-	errHost := reg.CheckHostKey(r.Context(), hostKey)
-	switch badKey, badHost := errors.Is(errKey, registry.ErrForbidden), errors.Is(errHost, registry.ErrForbidden); {
-	case badKey && badHost:
-		rt.keyFailed(r)
-	case !badKey && !badHost:
-		refund()
+	// Both keys are checked with bcrypt every time, so neither the time
+	// taken nor a later request tells which one was wrong.
+	wrong, err := reg.CheckKeys(r.Context(), key, hostKey, g.gate)
+	if wrong > 0 {
+		g.failed(reg.ID, wrong-1)
 	}
-	if err := errors.Join(errKey, errHost); err != nil {
+	if err != nil {
 		return err
 	}
 	reg.Remove()
@@ -462,13 +458,13 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 
 // checkKey checks a member key under the failed-key lockout.
 func (rt *Router) checkKey(r *http.Request, endpoint string, reg *registry.Registration, key string) error {
-	refund, err := rt.keyLockout(r, endpoint)
-	if err != nil {
+	g := rt.keyGuard(r, endpoint)
+	if err := g.lockout(); err != nil {
 		return err
 	}
-	err = reg.CheckKey(r.Context(), key)
-	if !errors.Is(err, registry.ErrForbidden) {
-		refund() // only a wrong key costs a token
+	err := reg.CheckKey(r.Context(), key, g.gate)
+	if errors.Is(err, registry.ErrForbidden) {
+		g.failed(reg.ID, 0)
 	}
 	return err
 }

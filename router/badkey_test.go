@@ -1,0 +1,170 @@
+package router
+
+import (
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"wsrouter/registry"
+)
+
+// defaultLimits are the rate limits of the flags' defaults (SPEC §8).
+func defaultLimits(cfg Config) Config {
+	cfg.RateRegister = Limit{2, 20}
+	cfg.RateConnect = Limit{10, 50}
+	cfg.RateRelay = Limit{20, 100}
+	cfg.RateBadKey = Limit{0.2, 10}
+	return cfg
+}
+
+// TestRightKeysNeverLockOut runs on the real clock, where the first
+// release's lockout failed: it reserved a failed-key token before each check
+// and "refunded" it after bcrypt, which x/time/rate ignores once the
+// reservation's time has passed, so every right key spent a token and the
+// 11th connect from one address got 429. 50 right-key connects from one
+// address at once, then more one after another, are all admitted with the
+// default limits; the connects use up the connect burst, not the failed-key
+// one.
+func TestRightKeysNeverLockOut(t *testing.T) {
+	ts := newTestServer(t, defaultLimits(Config{Registry: regCfgKeep()}))
+	id := ts.register(t, "lobby")
+
+	const n = 50
+	codes := make(chan int, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			_, resp, err := ts.tryDial(t, id, testKey, "", nil)
+			switch {
+			case err == nil:
+				codes <- 101
+			case resp != nil:
+				codes <- resp.StatusCode
+			default:
+				t.Errorf("dial: %v", err)
+			}
+		})
+	}
+	wg.Wait()
+	close(codes)
+	got := map[int]int{}
+	for c := range codes {
+		got[c]++
+	}
+	if got[101] != n {
+		t.Fatalf("%d concurrent right-key connects from one address: got %v, want all 101", n, got)
+	}
+
+	// The failed-key bucket is untouched: ten wrong keys (on /relay, as
+	// the connect burst is spent) are still answered 403 before the
+	// eleventh is locked out.
+	wrongKey := func(i int) int {
+		code, _, _ := ts.do(t, "GET", relayURL(id, "/", url.Values{"key": {fmt.Sprintf("wrong-%d", i)}}), nil, nil)
+		return code
+	}
+	for i := range 10 {
+		if code := wrongKey(i); code != http.StatusForbidden {
+			t.Fatalf("wrong key %d after %d right ones: got %d, want 403", i+1, n, code)
+		}
+	}
+	if code := wrongKey(10); code != http.StatusTooManyRequests {
+		t.Fatalf("11th wrong key: got %d, want 429", code)
+	}
+}
+
+// TestRightRelayKeysNeverLockOut: a caller polling a device with the right
+// key (each request a key check) is never locked out, on the real clock.
+func TestRightRelayKeysNeverLockOut(t *testing.T) {
+	ts := newTestServer(t, defaultLimits(Config{Registry: regCfgKeep()}))
+	id := ts.register(t, "hostclient")
+	ts.device(t, id, func(f relayRequest) string { return reply(f, map[string]any{"content": "x"}) })
+	for i := range 40 {
+		if code, body, _ := ts.do(t, "GET", relayURL(id, "/", nil), nil, nil); code != 200 {
+			t.Fatalf("relay %d with the right key: got %d %q, want 200", i+1, code, body)
+		}
+	}
+}
+
+// TestAdminTokenGuessesLimited: wrong admin tokens on /stats take
+// failed-key tokens and then lock the address out, even with the right
+// token; a missing token takes none; the scheme is case-insensitive.
+func TestAdminTokenGuessesLimited(t *testing.T) {
+	ts := newTestServer(t, Config{AdminToken: "admin-secret", RateBadKey: Limit{Rate: 0.2, Burst: 3}})
+	clock := withClock(ts)
+	stats := func(auth string) int {
+		h := http.Header{}
+		if auth != "" {
+			h.Set("Authorization", auth)
+		}
+		code, _, _ := ts.do(t, "GET", "/stats", nil, h)
+		return code
+	}
+	for _, auth := range []string{"bearer admin-secret", "BEARER admin-secret", "Bearer admin-secret"} {
+		if code := stats(auth); code != 200 {
+			t.Fatalf("%q: got %d, want 200", auth, code)
+		}
+	}
+	for range 5 {
+		if code := stats(""); code != 401 {
+			t.Fatalf("no token: got %d, want 401", code)
+		}
+	}
+	for i := range 3 {
+		if code := stats(fmt.Sprintf("Bearer guess-%d", i)); code != 401 {
+			t.Fatalf("wrong token %d: got %d, want 401", i+1, code)
+		}
+	}
+	if code := stats("Bearer admin-secret"); code != 429 {
+		t.Fatalf("right token after 3 wrong ones: got %d, want 429", code)
+	}
+	clock.Advance(5e9)
+	if code := stats("Bearer admin-secret"); code != 200 {
+		t.Fatalf("right token after the bucket refilled: got %d, want 200", code)
+	}
+}
+
+// TestRemoveTimingTellsNothing: /remove takes the same time whichever key is
+// wrong (the first release took half as long with the key right and the host
+// key wrong, and became fast for a wrong key with the right host key once
+// that host key had been remembered). Medians of interleaved rounds, real
+// bcrypt cost, within 20 %.
+func TestRemoveTimingTellsNothing(t *testing.T) {
+	ts := newTestServer(t, Config{Registry: registry.Config{BcryptCost: 6, GCGrace: time.Hour}})
+	id := ts.register(t, "hostclient")
+	ts.dial(t, id, "client") // the member key is now remembered
+
+	remove := func(key, hostKey string) time.Duration {
+		q := url.Values{"id": {id}, "key": {key}, "host_key": {hostKey}}
+		start := time.Now()
+		if code, _, _ := ts.do(t, "GET", "/remove?"+q.Encode(), nil, nil); code != http.StatusForbidden {
+			t.Fatalf("remove with a wrong key: got %d, want 403", code)
+		}
+		return time.Since(start)
+	}
+	cases := []struct{ name, key, hostKey string }{
+		{"both wrong", "wrong", "wrong"},
+		{"host key wrong", testKey, "wrong"},
+		{"key wrong", "wrong", testHostKey},
+	}
+	const rounds = 9
+	times := make([][]time.Duration, len(cases))
+	for range rounds {
+		for i, c := range cases {
+			times[i] = append(times[i], remove(c.key, c.hostKey))
+		}
+	}
+	medians := make([]time.Duration, len(cases))
+	for i := range cases {
+		slices.Sort(times[i])
+		medians[i] = times[i][rounds/2]
+	}
+	lo, hi := slices.Min(medians), slices.Max(medians)
+	t.Logf("median /remove times: %s %v, %s %v, %s %v", cases[0].name, medians[0], cases[1].name, medians[1], cases[2].name, medians[2])
+	if float64(hi) > 1.2*float64(lo) {
+		t.Errorf("median /remove times differ by more than 20%%: %v", medians)
+	}
+}
