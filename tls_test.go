@@ -200,6 +200,16 @@ func TestTLSFromFiles(t *testing.T) {
 	if resp.StatusCode != http.StatusPermanentRedirect || resp.Header.Get("Location") != want {
 		t.Errorf("GET on -http-addr: got %d to %q, want 308 to %q", resp.StatusCode, resp.Header.Get("Location"), want)
 	}
+	// Not with a key in it: that is refused, and the key not repeated.
+	resp, err = noRedirects.Get("http://" + httpAddr + "/connect?" + join[strings.Index(join, "?")+1:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	refusal, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || string(refusal) != "use https\n" || resp.Header.Get("Location") != "" {
+		t.Errorf("GET with a key on -http-addr: got %d %q to %q, want 400 \"use https\" and no redirect", resp.StatusCode, refusal, resp.Header.Get("Location"))
+	}
 
 	// Shutdown still closes members with 1001 over TLS, and run returns
 	// nil with both servers stopped.
@@ -221,25 +231,52 @@ func TestTLSFromFiles(t *testing.T) {
 func TestTLSRedirect(t *testing.T) {
 	tests := []struct {
 		name, method, host, target, port string
+		header                           string // sent with the value "s3cret"
 		wantCode                         int
 		wantLocation                     string
 	}{
-		{"port kept off 443", "GET", "ws.example.com", "/healthz?a=1", "8443", 308, "https://ws.example.com:8443/healthz?a=1"},
-		{"no port for 443", "GET", "ws.example.com", "/x", "443", 308, "https://ws.example.com/x"},
-		{"http port dropped", "HEAD", "ws.example.com:80", "/", "443", 308, "https://ws.example.com/"},
-		{"ipv6 with port", "GET", "[::1]:8080", "/", "8443", 308, "https://[::1]:8443/"},
-		{"ipv6 on 443", "GET", "[::1]", "/", "443", 308, "https://[::1]/"},
-		{"post refused", "POST", "ws.example.com", "/register", "443", 400, ""},
-		{"no host", "GET", "", "/", "443", 400, ""},
+		{"port kept off 443", "GET", "ws.example.com", "/healthz?a=1", "8443", "", 308, "https://ws.example.com:8443/healthz?a=1"},
+		{"no port for 443", "GET", "ws.example.com", "/x", "443", "", 308, "https://ws.example.com/x"},
+		{"http port dropped", "HEAD", "ws.example.com:80", "/", "443", "", 308, "https://ws.example.com/"},
+		{"ipv6 with port", "GET", "[::1]:8080", "/", "8443", "", 308, "https://[::1]:8443/"},
+		{"ipv6 on 443", "GET", "[::1]", "/", "443", "", 308, "https://[::1]/"},
+		{"post refused", "POST", "ws.example.com", "/register", "443", "", 400, ""},
+		{"no host", "GET", "", "/", "443", "", 400, ""},
+		// Credentials sent in the clear are refused, never redirected.
+		{"key in query", "GET", "ws.example.com", "/connect?id=a&key=s3cret", "443", "", 400, ""},
+		{"host_key in query", "GET", "ws.example.com", "/remove?id=a&host_key=s3cret", "443", "", 400, ""},
+		{"token in query", "HEAD", "ws.example.com", "/relay/a/x?token=s3cret", "443", "", 400, ""},
+		{"empty key", "GET", "ws.example.com", "/connect?key=", "443", "", 400, ""},
+		{"escaped name", "GET", "ws.example.com", "/connect?k%65y=s3cret", "443", "", 400, ""},
+		{"undecodable value", "GET", "ws.example.com", "/connect?key=s3cret%zz", "443", "", 400, ""},
+		{"after a semicolon", "GET", "ws.example.com", "/connect?a=1;key=s3cret", "443", "", 400, ""},
+		{"X-Key header", "GET", "ws.example.com", "/relay/a/", "443", "X-Key", 400, ""},
+		{"X-Host-Key header", "GET", "ws.example.com", "/remove?id=a", "443", "X-Host-Key", 400, ""},
+		{"X-Token header", "GET", "ws.example.com", "/relay/a/", "443", "X-Token", 400, ""},
+		{"Authorization header", "GET", "ws.example.com", "/stats", "443", "Authorization", 400, ""},
+		{"names that only contain key", "GET", "ws.example.com", "/x?monkey=1&keys=2&key_=3", "443", "", 308, "https://ws.example.com/x?monkey=1&keys=2&key_=3"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := httptest.NewRequest(tt.method, tt.target, nil)
 			r.Host = tt.host
+			if tt.header != "" {
+				r.Header.Set(tt.header, "s3cret")
+			}
 			w := httptest.NewRecorder()
 			redirectHTTPS(tt.port).ServeHTTP(w, r)
 			if w.Code != tt.wantCode || w.Header().Get("Location") != tt.wantLocation {
 				t.Errorf("got %d to %q, want %d to %q", w.Code, w.Header().Get("Location"), tt.wantCode, tt.wantLocation)
+			}
+			if tt.wantCode == 400 {
+				if body := w.Body.String(); body != "use https\n" {
+					t.Errorf("body: got %q, want %q", body, "use https\n")
+				}
+			}
+			for name, vs := range w.Header() {
+				if strings.Contains(strings.Join(vs, " "), "s3cret") {
+					t.Errorf("header %s echoes the secret: %q", name, vs)
+				}
 			}
 		})
 	}

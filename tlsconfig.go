@@ -212,12 +212,15 @@ func (cl *certLog) wrap(get func(*tls.ClientHelloInfo) (*tls.Certificate, error)
 }
 
 // redirectHTTPS answers plain HTTP with a redirect to the same host and
-// path on https at port httpsPort. Only GET and HEAD are redirected: any
-// other request has already sent its body, and its keys, in the clear, and
-// had better fail loudly than work.
+// path on https at port httpsPort. Only GET and HEAD without credentials are
+// redirected: any other request has already sent its body, and maybe its
+// keys, in the clear, and one with a key, host key or token in its query or
+// headers has already given it away. Redirected, it would work, echo the key
+// in a Location header and teach its client that http:// is fine; it had
+// better fail loudly, with a body that repeats nothing of the request.
 func redirectHTTPS(httpsPort string) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		if (r.Method != http.MethodGet && r.Method != http.MethodHead) || hasCredentials(r) {
 			http.Error(w, "use https", http.StatusBadRequest)
 			return
 		}
@@ -237,4 +240,32 @@ func redirectHTTPS(httpsPort string) http.Handler {
 		}
 		http.Redirect(w, r, "https://"+host+r.URL.RequestURI(), http.StatusPermanentRedirect)
 	})
+}
+
+// credentialParams are the query parameters that carry a secret.
+var credentialParams = []string{"key", "host_key", "token"}
+
+// credentialHeaders are the headers that carry a secret.
+var credentialHeaders = []string{"X-Key", "X-Host-Key", "X-Token", "Authorization"}
+
+// hasCredentials reports whether r carries a key, host key or token in its
+// query or headers. It reads the raw query itself rather than through
+// url.ParseQuery, which drops a pair it cannot decode ("key=%zz") or that
+// follows a semicolon, and would let such a key through to a redirect.
+func hasCredentials(r *http.Request) bool {
+	for _, h := range credentialHeaders {
+		if _, ok := r.Header[h]; ok {
+			return true
+		}
+	}
+	for pair := range strings.FieldsFuncSeq(r.URL.RawQuery, func(c rune) bool { return c == '&' || c == ';' }) {
+		name, _, _ := strings.Cut(pair, "=")
+		if n, err := url.QueryUnescape(name); err == nil {
+			name = n
+		}
+		if slices.Contains(credentialParams, name) {
+			return true
+		}
+	}
+	return false
 }
