@@ -11,17 +11,22 @@ import (
 	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coder/websocket"
+	"golang.org/x/time/rate"
 
 	"wsrouter/registry"
 )
 
 // Close codes of SPEC §4 that the server sends. 1000 is only ever the echo
-// of a peer's own close; 1008 and 1011 have no cause in this version.
+// of a peer's own close; 1011 has no cause in this version.
 const (
 	codeGoingAway    = 1001
+	codeInvalidUTF8  = 1007
+	codePolicy       = 1008
 	codeTooBig       = 1009
 	codeRemoved      = 4000
 	codeSlowConsumer = 4008
@@ -53,8 +58,16 @@ type conn struct {
 	gone chan struct{} // closed when the connection has ended
 
 	closeOnce   sync.Once
-	closeCode   int    // written once, before the close request
-	closeReason string // likewise
+	closeCode   int         // written once, before the close request
+	closeReason string      // likewise
+	closing     atomic.Bool // a close was decided: nothing more is forwarded
+
+	// frames bounds the frames (data and control) the peer may send per
+	// second; nil means no limit. Used by the reader's goroutine only.
+	frames *rate.Limiter
+
+	pingMu      sync.Mutex
+	pingStopped bool // guarded by pingMu; the ping timer must not be re-armed
 
 	// Set before writers may start, then read-only.
 	ctx context.Context // ends with the connection or the router
@@ -70,7 +83,7 @@ func newConnID() string {
 
 func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn {
 	id := newConnID()
-	return &conn{
+	c := &conn{
 		rt:    rt,
 		id:    id,
 		reg:   reg,
@@ -79,7 +92,32 @@ func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn 
 		queue: newSendQueue(rt.cfg.SendQueueBytes),
 		gone:  make(chan struct{}),
 	}
+	if l := rt.cfg.RateMessage; l.Rate > 0 {
+		c.frames = rate.NewLimiter(rate.Limit(l.Rate), max(l.Burst, 1))
+	}
+	return c
 }
+
+// allowFrame counts one frame from the peer against -rate-message and
+// closes the member with 1008 once it is over. It reports whether the frame
+// may be acted on.
+func (c *conn) allowFrame() bool {
+	if c.closing.Load() {
+		return false
+	}
+	if c.frames != nil && !c.frames.Allow() {
+		c.Close(codePolicy, "message rate exceeded")
+		return false
+	}
+	return true
+}
+
+// onPing counts a ping against the frame rate; a member over it gets no
+// pong.
+func (c *conn) onPing(context.Context, []byte) bool { return c.allowFrame() }
+
+// onPong counts an (unsolicited, perhaps) pong against the frame rate.
+func (c *conn) onPong(context.Context, []byte) { c.allowFrame() }
 
 // Send implements registry.Member. It never blocks.
 func (c *conn) Send(msg registry.Message) {
@@ -110,6 +148,7 @@ func (c *conn) send(msg registry.Message, bounded bool) {
 func (c *conn) Close(code int, reason string) {
 	c.closeOnce.Do(func() {
 		c.closeCode, c.closeReason = code, reason
+		c.closing.Store(true)
 		// Counted when decided: the frame itself may wait for a stalled
 		// write to finish or time out.
 		c.rt.noteClose(code)
@@ -151,7 +190,11 @@ func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
 	err := c.readLoop(ctx)
 	cancel()
 	if pinger != nil {
+		// Under pingMu, so that a ping running now cannot re-arm it.
+		c.pingMu.Lock()
+		c.pingStopped = true
 		pinger.Stop()
+		c.pingMu.Unlock()
 	}
 	ws.CloseNow() // unblocks a writer stuck in a write
 	c.queue.closeWriters()
@@ -180,7 +223,16 @@ func (c *conn) readLoop(ctx context.Context) error {
 			}
 			return err
 		}
+		if !c.allowFrame() {
+			continue // closing: read on until the close handshake ends
+		}
 		msg := registry.Message{Binary: typ == websocket.MessageBinary, Data: data}
+		if !msg.Binary && !utf8.Valid(data) {
+			// Browsers and Node fail the whole connection on it: one
+			// member must not be able to disconnect every other.
+			c.Close(codeInvalidUTF8, "invalid UTF-8 in a text message")
+			continue
+		}
 		c.rt.metrics.messageIn(msg)
 		if c.role == registry.RoleHost && !msg.Binary && c.rt.relay.hostFrame(c.reg, data) {
 			continue // a relay reply goes to its caller only
@@ -258,7 +310,9 @@ func (c *conn) writeLoop() {
 		}
 		if err := c.writeBatch(msgs); err != nil {
 			c.log.Debug("write failed", "err", err)
-			if c.ctx.Err() == nil {
+			// A member already being closed (a slow consumer whose
+			// stalled write timed out) was counted by its close code.
+			if c.ctx.Err() == nil && !c.closing.Load() {
 				c.rt.noteClose(codeWriteFailed)
 			}
 			c.wc.Close()
@@ -328,9 +382,11 @@ func (c *conn) ping(t *time.Timer) {
 	err := c.ws.Ping(ctx)
 	switch {
 	case err == nil:
-		if c.ctx.Err() == nil {
+		c.pingMu.Lock()
+		if !c.pingStopped {
 			t.Reset(c.rt.cfg.PingInterval)
 		}
+		c.pingMu.Unlock()
 	case c.ctx.Err() != nil, errors.Is(err, net.ErrClosed):
 		// The connection is ending anyway.
 	default:

@@ -6,6 +6,10 @@ import (
 	"wsrouter/registry"
 )
 
+// maxKeptBatch is the most message slots a queue keeps for reuse between
+// batches (24 bytes each): enough for a busy room's steady state.
+const maxKeptBatch = 256
+
 // msgOverhead is what a queued message is charged beyond its payload, so that
 // a flood of tiny messages is bounded as well as a few big ones.
 const msgOverhead = 64
@@ -120,6 +124,11 @@ const (
 // message at once (spare, emptied by the caller, becomes the new backing
 // array so a busy connection does not allocate per batch), else park.
 func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, writerStep) {
+	if cap(spare) > maxKeptBatch {
+		// A burst's backing array goes: an idle connection must not keep
+		// the capacity of its largest past batch.
+		spare = nil
+	}
 	clear(spare[:cap(spare)]) // drop references to sent payloads
 	q.mu.Lock()
 	defer q.mu.Unlock()

@@ -371,6 +371,8 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	ws, err := websocket.Accept(cw, r, &websocket.AcceptOptions{
 		// Origins were checked in admit, before joining.
 		InsecureSkipVerify: true,
+		OnPingReceived:     c.onPing,
+		OnPongReceived:     c.onPong,
 	})
 	if err != nil {
 		// Accept has answered the request.
