@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
@@ -195,5 +196,25 @@ func TestProgramEndToEnd(t *testing.T) {
 	}
 	if !sawConn {
 		t.Error("no log line carried reg, role and conn")
+	}
+}
+
+func TestJSONLogDurations(t *testing.T) {
+	var buf strings.Builder
+	log, err := newLogger("json", "info", &buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Info("x", "timeout", 10*time.Second, slog.Group("g", "grace", 1500*time.Millisecond), "n", 3)
+	var rec struct {
+		Timeout string
+		G       struct{ Grace string }
+		N       int
+	}
+	if err := json.Unmarshal([]byte(buf.String()), &rec); err != nil {
+		t.Fatalf("%q: %v", buf.String(), err)
+	}
+	if rec.Timeout != "10s" || rec.G.Grace != "1.5s" || rec.N != 3 {
+		t.Errorf("got %s, want timeout 10s, g.grace 1.5s, n 3", buf.String())
 	}
 }
