@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"wsrouter/router"
 )
 
 func TestFlagsFromEnvironment(t *testing.T) {
@@ -37,6 +39,9 @@ func TestFlagsFromEnvironment(t *testing.T) {
 		{"flag wins over env", o.router.Registry.MaxRegistrations, 12},
 		{"default", o.router.WriteTimeout, 10 * time.Second},
 		{"env list", strings.Join(o.router.AllowedOrigins, "|"), "a.example|*.b.example"},
+		{"relay queue default", o.router.RelayQueueBytes, int64(8 << 20)},
+		{"relay memory default", o.router.RelayMaxMemory, int64(256 << 20)},
+		{"message rate default", o.router.RateMessage, router.Limit{Rate: 1000, Burst: 2000}},
 	}
 	for _, tt := range tests {
 		if tt.got != tt.want {
