@@ -15,6 +15,8 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -24,12 +26,38 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
-		fmt.Fprintln(os.Stderr, "wsrouter:", err)
-		os.Exit(1)
-	}
+	// The first signal starts the graceful shutdown (drain, then close);
+	// a second one ends the process at once, as the default action does.
+	context.AfterFunc(ctx, stop)
+	code := exitCode(run(ctx, os.Args[1:], os.Stdout, os.Stderr), os.Stderr)
+	stop()
+	os.Exit(code)
 }
+
+// exitCode reports run's error on stderr, unless run has already done so
+// (a bad command line), and returns the process's exit status: 0, 1 for an
+// error, 2 for a bad command line, as the flag package's own ExitOnError.
+func exitCode(err error, stderr io.Writer) int {
+	var ue usageError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ue):
+		return 2
+	}
+	fmt.Fprintln(stderr, "wsrouter:", err)
+	return 1
+}
+
+// usageError is a command line the flag package could not parse. run has
+// written it to stderr, with a hint, by the time it returns one.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+// about is the first line of -h.
+const about = "wsrouter is a self-hosted WebSocket router: programs that cannot reach each other dial out to it and meet in rooms."
 
 // options are the command-line flags, each also read from WSROUTER_<FLAG>.
 type options struct {
@@ -38,6 +66,7 @@ type options struct {
 	logLevel        string
 	shutdownTimeout time.Duration
 	debugAddr       string
+	version         bool
 
 	router  router.Config // router.Registry holds the registry's flags
 	origins string
@@ -45,15 +74,25 @@ type options struct {
 	tls tlsOptions
 }
 
-func parseFlags(args []string, stderr io.Writer) (*options, error) {
+// parseFlags reads the command line, then the environment. -h prints the
+// usage to stdout and returns flag.ErrHelp; a command line the flag package
+// cannot parse is a usageError, with nothing printed.
+func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	o := &options{}
 	fs := flag.NewFlagSet("wsrouter", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		w := fs.Output()
+		fmt.Fprintln(w, about)
+		fmt.Fprintln(w, "Every flag can also be set by the environment variable WSROUTER_<FLAG> (upper case, - as _: WSROUTER_ADDR, WSROUTER_GC_GRACE); the command line wins.")
+		fmt.Fprintln(w, "\nUsage: wsrouter [flags]")
+		fs.PrintDefaults()
+	}
 	fs.StringVar(&o.addr, "addr", ":8741", "listen address")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&o.debugAddr, "debug-addr", "", "listen address for Go's pprof profiles at /debug/pprof/ (empty: off; keep it on loopback)")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit (not read from the environment)")
 
 	rc, gc := &o.router, &o.router.Registry
 	fs.Int64Var(&rc.MaxMessage, "max-message", 1<<20, "largest data message in bytes; a larger one closes its sender with 1009")
@@ -96,11 +135,22 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.StringVar(&tc.acmeCARoots, "acme-ca-roots", "", "PEM file of the only roots trusted when talking to -acme-directory, for a private or test CA (empty: the system's roots)")
 	fs.StringVar(&tc.httpAddr, "http-addr", "", "plain-HTTP listen address that answers ACME HTTP-01 challenges and redirects GET and HEAD to https (empty: :80 with -acme-domains, else none; off: none)")
 
-	if err := fs.Parse(args); err != nil {
+	// The flag package would print the error and the whole usage to the
+	// output; run prints the error and a one-line hint instead.
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	fs.SetOutput(stdout)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		fs.Usage()
 		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	case err != nil:
+		return nil, usageError{err}
+	case fs.NArg() > 0:
+		return nil, usageError{fmt.Errorf("unexpected arguments: %q", fs.Args())}
+	case o.version:
+		// Before the environment, whose mistakes must not hide the version.
+		return o, nil
 	}
 	if err := applyEnv(fs); err != nil {
 		return nil, err
@@ -131,7 +181,8 @@ func applyEnv(fs *flag.FlagSet) error {
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
 	var err error
 	fs.VisitAll(func(f *flag.Flag) {
-		if given[f.Name] || err != nil {
+		// -version is an action, not a setting.
+		if given[f.Name] || err != nil || f.Name == "version" {
 			return
 		}
 		name := "WSROUTER_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
@@ -180,15 +231,22 @@ func debugHandler() http.Handler {
 }
 
 // run is the whole program: it serves until ctx is done, then shuts down
-// gracefully. Logs go to stderr; stdout is unused but kept so that a test can
-// run the program exactly as main does.
+// gracefully. -h and -version write to stdout; logs, and a bad command
+// line, go to stderr.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	o, err := parseFlags(args, stderr)
-	if err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
+	o, err := parseFlags(args, stdout)
+	var ue usageError
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return nil
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "wsrouter: %v\nrun 'wsrouter -h' for the flags\n", err)
 		return err
+	case err != nil:
+		return err
+	case o.version:
+		fmt.Fprintln(stdout, readBuildInfo())
+		return nil
 	}
 	log, err := newLogger(o.logFormat, o.logLevel, stderr)
 	if err != nil {
@@ -310,4 +368,53 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// buildInfo says which build is running, from what the go command recorded
+// in the binary.
+type buildInfo struct {
+	version   string // the main module's version; "(devel)" when unknown
+	revision  string // vcs.revision; empty when not recorded
+	modified  string // vcs.modified ("true" or "false"); empty when not recorded
+	goVersion string
+}
+
+func readBuildInfo() buildInfo {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return buildInfo{version: "(devel)", goVersion: runtime.Version()}
+	}
+	return buildInfoOf(bi)
+}
+
+func buildInfoOf(bi *debug.BuildInfo) buildInfo {
+	b := buildInfo{version: bi.Main.Version, goVersion: bi.GoVersion}
+	if b.version == "" {
+		b.version = "(devel)"
+	}
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision":
+			b.revision = s.Value
+		case "vcs.modified":
+			b.modified = s.Value
+		}
+	}
+	return b
+}
+
+// String is the -version line, e.g.
+// "wsrouter (devel) vcs.revision=3f88e05… vcs.modified=true go1.26.8".
+func (b buildInfo) String() string {
+	s := "wsrouter " + b.version
+	if b.revision != "" {
+		s += " vcs.revision=" + b.revision
+	}
+	if b.modified != "" {
+		s += " vcs.modified=" + b.modified
+	}
+	if b.goVersion != "" {
+		s += " " + b.goVersion
+	}
+	return s
 }

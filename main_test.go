@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"testing"
@@ -24,6 +25,7 @@ func TestFlagsFromEnvironment(t *testing.T) {
 	t.Setenv("WSROUTER_MAX_MEMBERS", "7")
 	t.Setenv("WSROUTER_ALLOWED_ORIGINS", "a.example, *.b.example")
 	t.Setenv("WSROUTER_MAX_REGISTRATIONS", "11")
+	t.Setenv("WSROUTER_VERSION", "not a bool") // -version is not read from the environment
 
 	o, err := parseFlags([]string{"-max-registrations", "12"}, io.Discard)
 	if err != nil {
@@ -39,6 +41,7 @@ func TestFlagsFromEnvironment(t *testing.T) {
 		{"flag wins over env", o.router.Registry.MaxRegistrations, 12},
 		{"default", o.router.WriteTimeout, 10 * time.Second},
 		{"env list", strings.Join(o.router.AllowedOrigins, "|"), "a.example|*.b.example"},
+		{"version not from env", o.version, false},
 		{"relay queue default", o.router.RelayQueueBytes, int64(8 << 20)},
 		{"relay memory default", o.router.RelayMaxMemory, int64(256 << 20)},
 		{"message rate default", o.router.RateMessage, router.Limit{Rate: 1000, Burst: 2000}},
@@ -221,5 +224,108 @@ func TestJSONLogDurations(t *testing.T) {
 	}
 	if rec.Timeout != "10s" || rec.G.Grace != "1.5s" || rec.N != 3 {
 		t.Errorf("got %s, want timeout 10s, g.grace 1.5s, n 3", buf.String())
+	}
+}
+
+func TestHelp(t *testing.T) {
+	var stdout, stderr strings.Builder
+	if err := run(t.Context(), []string{"-h"}, &stdout, &stderr); err != nil {
+		t.Fatalf("run -h: got %v, want nil", err)
+	}
+	out := stdout.String()
+	first, _, _ := strings.Cut(out, "\n")
+	if first != about {
+		t.Errorf("first line: got %q, want %q", first, about)
+	}
+	for _, want := range []string{"WSROUTER_<FLAG>", "WSROUTER_ADDR", "-addr", "-rate-message", "-relay-max-memory", "-version"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("-h output has no %q", want)
+		}
+	}
+	if stderr.Len() != 0 {
+		t.Errorf("-h wrote %q to stderr, want nothing", stderr.String())
+	}
+}
+
+func TestVersion(t *testing.T) {
+	// The version needs nothing else to be right, the environment included.
+	t.Setenv("WSROUTER_PING_INTERVAL", "soon")
+	var stdout, stderr strings.Builder
+	if err := run(t.Context(), []string{"-version"}, &stdout, &stderr); err != nil {
+		t.Fatalf("run -version: got %v, want nil", err)
+	}
+	if got, want := stdout.String(), readBuildInfo().String()+"\n"; got != want || !strings.HasPrefix(got, "wsrouter ") {
+		t.Errorf("stdout: got %q, want %q", got, want)
+	}
+	if stderr.Len() != 0 {
+		t.Errorf("-version wrote %q to stderr, want nothing", stderr.String())
+	}
+}
+
+func TestBuildInfo(t *testing.T) {
+	tests := []struct {
+		name string
+		bi   debug.BuildInfo
+		want string
+	}{
+		{"nothing recorded", debug.BuildInfo{GoVersion: "go1.26.8"}, "wsrouter (devel) go1.26.8"},
+		{"devel", debug.BuildInfo{GoVersion: "go1.26.8", Main: debug.Module{Version: "(devel)"}}, "wsrouter (devel) go1.26.8"},
+		{"tagged, clean", debug.BuildInfo{
+			GoVersion: "go1.26.8",
+			Main:      debug.Module{Version: "v1.2.3"},
+			Settings:  []debug.BuildSetting{{Key: "vcs", Value: "git"}, {Key: "vcs.revision", Value: "0123abcd"}, {Key: "vcs.modified", Value: "false"}},
+		}, "wsrouter v1.2.3 vcs.revision=0123abcd vcs.modified=false go1.26.8"},
+		{"modified", debug.BuildInfo{
+			GoVersion: "go1.26.8",
+			Settings:  []debug.BuildSetting{{Key: "vcs.revision", Value: "0123abcd"}, {Key: "vcs.modified", Value: "true"}},
+		}, "wsrouter (devel) vcs.revision=0123abcd vcs.modified=true go1.26.8"},
+	}
+	for _, tt := range tests {
+		if got := buildInfoOf(&tt.bi).String(); got != tt.want {
+			t.Errorf("%s: got %q, want %q", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestBadFlag(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		want string // the error
+	}{
+		{"unknown flag", []string{"-nope"}, "flag provided but not defined: -nope"},
+		{"bad value", []string{"-max-members", "many"}, `invalid value "many" for flag -max-members`},
+		{"stray argument", []string{"serve"}, `unexpected arguments: ["serve"]`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr strings.Builder
+			err := run(t.Context(), append([]string{"-addr", "127.0.0.1:0"}, tt.args...), &stdout, &stderr)
+			if err == nil {
+				t.Fatal("got nil error, want one")
+			}
+			got := stderr.String()
+			lines := strings.Split(strings.TrimSuffix(got, "\n"), "\n")
+			if len(lines) != 2 || !strings.HasPrefix(lines[0], "wsrouter: "+tt.want) || lines[1] != "run 'wsrouter -h' for the flags" {
+				t.Errorf("stderr: got %q, want the error %q once and the hint, without the usage", got, tt.want)
+			}
+			if stdout.Len() != 0 {
+				t.Errorf("stdout: got %q, want nothing", stdout.String())
+			}
+			// main must not print it again.
+			var mainOut strings.Builder
+			if code := exitCode(err, &mainOut); code != 2 || mainOut.Len() != 0 {
+				t.Errorf("exitCode: got %d and %q, want 2 and nothing", code, mainOut.String())
+			}
+		})
+	}
+
+	// Any other error is main's to print, once.
+	var mainOut strings.Builder
+	if code := exitCode(errors.New("listen: address in use"), &mainOut); code != 1 || mainOut.String() != "wsrouter: listen: address in use\n" {
+		t.Errorf("exitCode of a plain error: got %d and %q, want 1 and the error", code, mainOut.String())
+	}
+	if code := exitCode(nil, &mainOut); code != 0 {
+		t.Errorf("exitCode(nil): got %d, want 0", code)
 	}
 }
