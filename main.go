@@ -65,6 +65,7 @@ type options struct {
 	logFormat       string
 	logLevel        string
 	shutdownTimeout time.Duration
+	drainDelay      time.Duration
 	debugAddr       string
 	version         bool
 
@@ -91,7 +92,8 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.StringVar(&o.debugAddr, "debug-addr", "", "listen address for Go's pprof profiles at /debug/pprof/ (empty: off; keep it on loopback)")
-	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take")
+	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take once members are being closed")
+	fs.DurationVar(&o.drainDelay, "drain-delay", 0, "on SIGINT/SIGTERM, keep serving this long with /healthz and /register answering 503 before closing members, so a load balancer can take this instance out first (0: close at once)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit (not read from the environment)")
 
 	rc, gc := &o.router, &o.router.Registry
@@ -171,6 +173,9 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	if rc.MaxMessage <= 0 {
 		return nil, fmt.Errorf("-max-message %d: want a positive size", rc.MaxMessage)
 	}
+	if o.drainDelay < 0 {
+		return nil, fmt.Errorf("-drain-delay %v: want 0 or more", o.drainDelay)
+	}
 	return o, nil
 }
 
@@ -230,9 +235,14 @@ func debugHandler() http.Handler {
 	return mux
 }
 
-// run is the whole program: it serves until ctx is done, then shuts down
-// gracefully. -h and -version write to stdout; logs, and a bad command
-// line, go to stderr.
+// listen opens the program's listeners. Tests replace it to make serving
+// fail.
+var listen = net.Listen
+
+// run is the whole program. It serves until ctx is done, then shuts down
+// gracefully: first -drain-delay with /healthz and /register answering 503,
+// then members closed with 1001 within -shutdown-timeout. -h and -version
+// write to stdout; logs, and a bad command line, go to stderr.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	o, err := parseFlags(args, stdout)
 	var ue usageError
@@ -258,6 +268,26 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 
+	// Serve closes its listener; these closes are for the early returns.
+	ln, err := listen("tcp", o.addr)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	var hln, dln net.Listener
+	if o.tls.httpAddr != "" {
+		if hln, err = listen("tcp", o.tls.httpAddr); err != nil {
+			return err
+		}
+		defer hln.Close()
+	}
+	if o.debugAddr != "" {
+		if dln, err = listen("tcp", o.debugAddr); err != nil {
+			return err
+		}
+		defer dln.Close()
+	}
+
 	rt := router.New(o.router, log)
 	newServer := func(h http.Handler) *http.Server {
 		return &http.Server{
@@ -274,20 +304,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	srv := newServer(rt)
 	srv.TLSConfig = tlsConf
-	ln, err := net.Listen("tcp", o.addr)
-	if err != nil {
-		return err
-	}
 	// -http-addr: ACME HTTP-01 challenges, and a redirect to https for
 	// everything else. Nothing there reaches the router, which is served
 	// over TLS only.
 	var hsrv *http.Server
-	var hln net.Listener
-	if o.tls.httpAddr != "" {
-		if hln, err = net.Listen("tcp", o.tls.httpAddr); err != nil {
-			ln.Close()
-			return err
-		}
+	if hln != nil {
 		_, httpsPort, _ := net.SplitHostPort(ln.Addr().String())
 		hsrv = newServer(plainHTTP(redirectHTTPS(httpsPort)))
 	}
@@ -302,16 +323,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if hsrv != nil {
 		log.Info("redirecting http to https", "addr", hln.Addr().String(), "acme_http01", mode == "acme")
 	}
-
-	if o.debugAddr != "" {
-		dln, err := net.Listen("tcp", o.debugAddr)
-		if err != nil {
-			ln.Close()
-			if hln != nil {
-				hln.Close()
-			}
-			return err
-		}
+	if dln != nil {
 		dsrv := newServer(debugHandler())
 		go dsrv.Serve(dln)
 		defer dsrv.Close()
@@ -333,14 +345,28 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		go func() { serveErr <- hsrv.Serve(hln) }()
 	}
 
+	// Serve returns before Shutdown only when it fails; then the members
+	// still get their 1001 and the router's timers stop, as on a signal.
+	var failed error
 	select {
-	case err := <-serveErr:
-		srv.Close()
-		if hsrv != nil {
-			hsrv.Close()
-		}
-		return err
+	case failed = <-serveErr:
 	case <-ctx.Done():
+		if o.drainDelay > 0 {
+			// Members, connects and relays carry on; /healthz and
+			// /register answer 503 so that a load balancer stops
+			// sending new work here before anyone is cut off.
+			log.Info("draining", "delay", o.drainDelay)
+			rt.SetDraining()
+			t := time.NewTimer(o.drainDelay)
+			select {
+			case <-t.C:
+			case failed = <-serveErr:
+				t.Stop()
+			}
+		}
+	}
+	if failed != nil {
+		log.Error("serving failed", "err", failed)
 	}
 
 	log.Info("shutting down", "timeout", o.shutdownTimeout)
@@ -358,8 +384,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	errRouter := rt.Shutdown(sctx)
 	errServer := errors.Join(<-done, <-hdone)
 	if errRouter != nil || errServer != nil {
-		// Out of time: whatever is left is cut off. Still a clean exit, as
-		// SPEC §8 asks.
+		// Out of time: whatever is left is cut off. Still a clean exit
+		// (status 0), as the README's Shutdown section promises.
 		srv.Close()
 		if hsrv != nil {
 			hsrv.Close()
@@ -367,7 +393,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.Warn("shutdown timed out; remaining connections dropped")
 	}
 	log.Info("stopped")
-	return nil
+	return failed
 }
 
 // buildInfo says which build is running, from what the go command recorded

@@ -7,11 +7,13 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"runtime/debug"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +27,7 @@ func TestFlagsFromEnvironment(t *testing.T) {
 	t.Setenv("WSROUTER_MAX_MEMBERS", "7")
 	t.Setenv("WSROUTER_ALLOWED_ORIGINS", "a.example, *.b.example")
 	t.Setenv("WSROUTER_MAX_REGISTRATIONS", "11")
+	t.Setenv("WSROUTER_DRAIN_DELAY", "15s")
 	t.Setenv("WSROUTER_VERSION", "not a bool") // -version is not read from the environment
 
 	o, err := parseFlags([]string{"-max-registrations", "12"}, io.Discard)
@@ -41,6 +44,7 @@ func TestFlagsFromEnvironment(t *testing.T) {
 		{"flag wins over env", o.router.Registry.MaxRegistrations, 12},
 		{"default", o.router.WriteTimeout, 10 * time.Second},
 		{"env list", strings.Join(o.router.AllowedOrigins, "|"), "a.example|*.b.example"},
+		{"env drain delay", o.drainDelay, 15 * time.Second},
 		{"version not from env", o.version, false},
 		{"relay queue default", o.router.RelayQueueBytes, int64(8 << 20)},
 		{"relay memory default", o.router.RelayMaxMemory, int64(256 << 20)},
@@ -63,6 +67,7 @@ func TestFlagErrors(t *testing.T) {
 		{name: "bad bcrypt cost", args: []string{"-bcrypt-cost", "3"}},
 		{name: "bad log format", args: []string{"-log-format", "xml"}},
 		{name: "stray argument", args: []string{"serve"}},
+		{name: "negative drain delay", args: []string{"-drain-delay", "-1s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -207,26 +212,6 @@ func TestProgramEndToEnd(t *testing.T) {
 	}
 }
 
-func TestJSONLogDurations(t *testing.T) {
-	var buf strings.Builder
-	log, err := newLogger("json", "info", &buf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	log.Info("x", "timeout", 10*time.Second, slog.Group("g", "grace", 1500*time.Millisecond), "n", 3)
-	var rec struct {
-		Timeout string
-		G       struct{ Grace string }
-		N       int
-	}
-	if err := json.Unmarshal([]byte(buf.String()), &rec); err != nil {
-		t.Fatalf("%q: %v", buf.String(), err)
-	}
-	if rec.Timeout != "10s" || rec.G.Grace != "1.5s" || rec.N != 3 {
-		t.Errorf("got %s, want timeout 10s, g.grace 1.5s, n 3", buf.String())
-	}
-}
-
 func TestHelp(t *testing.T) {
 	var stdout, stderr strings.Builder
 	if err := run(t.Context(), []string{"-h"}, &stdout, &stderr); err != nil {
@@ -237,7 +222,7 @@ func TestHelp(t *testing.T) {
 	if first != about {
 		t.Errorf("first line: got %q, want %q", first, about)
 	}
-	for _, want := range []string{"WSROUTER_<FLAG>", "WSROUTER_ADDR", "-addr", "-rate-message", "-relay-max-memory", "-version"} {
+	for _, want := range []string{"WSROUTER_<FLAG>", "WSROUTER_ADDR", "-addr", "-drain-delay", "-rate-message", "-relay-max-memory", "-version"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("-h output has no %q", want)
 		}
@@ -327,5 +312,181 @@ func TestBadFlag(t *testing.T) {
 	}
 	if code := exitCode(nil, &mainOut); code != 0 {
 		t.Errorf("exitCode(nil): got %d, want 0", code)
+	}
+}
+
+func TestJSONLogDurations(t *testing.T) {
+	var buf strings.Builder
+	log, err := newLogger("json", "info", &buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Info("x", "timeout", 10*time.Second, slog.Group("g", "grace", 1500*time.Millisecond), "n", 3)
+	var rec struct {
+		Timeout string
+		G       struct{ Grace string }
+		N       int
+	}
+	if err := json.Unmarshal([]byte(buf.String()), &rec); err != nil {
+		t.Fatalf("%q: %v", buf.String(), err)
+	}
+	if rec.Timeout != "10s" || rec.G.Grace != "1.5s" || rec.N != 3 {
+		t.Errorf("got %s, want timeout 10s, g.grace 1.5s, n 3", buf.String())
+	}
+}
+
+// get answers a GET's status and body.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+func TestDrainDelay(t *testing.T) {
+	// Long enough for the checks below on a loaded machine; they only
+	// have to start and finish inside it.
+	const delay = 4 * time.Second
+	base, lines, stop := startProgram(t, "-drain-delay", delay.String(), "-bcrypt-cost", "4")
+	q := url.Values{"key": {"k"}, "host_key": {"hk"}, "reg_type": {"lobby"}}
+	code, id := get(t, base+"/register?"+q.Encode())
+	if code != 200 {
+		t.Fatalf("register: got %d %q, want 200", code, id)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	join := "ws" + strings.TrimPrefix(base, "http") + "/connect?" + url.Values{"id": {id}, "key": {"k"}}.Encode()
+	dial := func() *websocket.Conn {
+		t.Helper()
+		c, _, err := websocket.Dial(ctx, join, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.CloseNow() })
+		return c
+	}
+	a, b := dial(), dial()
+
+	// SIGTERM.
+	signalled := time.Now()
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+	if rec := waitLog(t, lines, "draining"); rec["delay"] != delay.String() {
+		t.Errorf("draining log: got delay %v, want %q", rec["delay"], delay.String())
+	}
+
+	// The load balancer's view: not ready, and no new registrations...
+	if code, body := get(t, base+"/healthz"); code != http.StatusServiceUnavailable {
+		t.Errorf("healthz while draining: got %d %q, want 503", code, body)
+	}
+	if code, body := get(t, base+"/register?"+q.Encode()); code != http.StatusServiceUnavailable {
+		t.Errorf("register while draining: got %d %q, want 503", code, body)
+	}
+	// ...while members keep talking and may still join.
+	c := dial()
+	for _, hop := range []struct {
+		name     string
+		from, to *websocket.Conn
+	}{{"a to b", a, b}, {"c to a", c, a}} {
+		msg := "while draining, " + hop.name
+		if err := hop.from.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatalf("%s: %v", hop.name, err)
+		}
+		if _, got, err := hop.to.Read(ctx); err != nil || string(got) != msg {
+			t.Fatalf("%s: got %q %v, want %q", hop.name, got, err, msg)
+		}
+	}
+
+	// Then every member gets 1001, no earlier than the delay, and run
+	// returns nil.
+	for _, m := range []*websocket.Conn{a, b, c} {
+		for {
+			_, _, err := m.Read(ctx)
+			if err == nil {
+				continue // a's copy of c's message
+			}
+			if got := websocket.CloseStatus(err); got != websocket.StatusGoingAway {
+				t.Fatalf("got close %v (%v), want 1001", got, err)
+			}
+			break
+		}
+	}
+	if elapsed := time.Since(signalled); elapsed < delay {
+		t.Errorf("members closed %v after the signal, want -drain-delay %v or more", elapsed, delay)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatalf("run returned %v, want nil", err)
+	}
+}
+
+// breakableListener is a real listener whose Accept fails for good once
+// broken, as one whose socket the kernel took away would.
+type breakableListener struct {
+	net.Listener
+	broken atomic.Bool
+}
+
+var errAcceptBroken = errors.New("accept tcp: the listener broke")
+
+func (l *breakableListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if l.broken.Load() {
+		if c != nil {
+			c.Close()
+		}
+		return nil, errAcceptBroken
+	}
+	return c, err
+}
+
+func (l *breakableListener) breakNow() {
+	l.broken.Store(true)
+	l.Listener.Close() // wakes Accept
+}
+
+func TestServeFailureShutsDown(t *testing.T) {
+	lns := make(chan *breakableListener, 1)
+	listen = func(network, addr string) (net.Listener, error) {
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			return nil, err
+		}
+		bl := &breakableListener{Listener: ln}
+		lns <- bl
+		return bl, nil
+	}
+	t.Cleanup(func() { listen = net.Listen })
+
+	base, lines, stop := startProgram(t, "-bcrypt-cost", "4")
+	ln := <-lns
+	q := url.Values{"key": {"k"}, "host_key": {"hk"}, "reg_type": {"lobby"}}
+	code, id := get(t, base+"/register?"+q.Encode())
+	if code != 200 {
+		t.Fatalf("register: got %d %q, want 200", code, id)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	join := "ws" + strings.TrimPrefix(base, "http") + "/connect?" + url.Values{"id": {id}, "key": {"k"}}.Encode()
+	m, _, err := websocket.Dial(ctx, join, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.CloseNow()
+
+	ln.breakNow()
+	// Serving failed: the member still gets 1001, and run returns the
+	// error after shutting the router down.
+	if _, _, err := m.Read(ctx); websocket.CloseStatus(err) != websocket.StatusGoingAway {
+		t.Fatalf("got close %v, want 1001", err)
+	}
+	waitLog(t, lines, "serving failed")
+	waitLog(t, lines, "stopped")
+	if err := stop(); !errors.Is(err, errAcceptBroken) {
+		t.Fatalf("run returned %v, want %v", err, errAcceptBroken)
 	}
 }
