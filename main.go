@@ -18,6 +18,8 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -299,7 +301,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			ReadTimeout:    30 * time.Second,
 			IdleTimeout:    2 * time.Minute,
 			MaxHeaderBytes: 64 << 10,
-			ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+			// Per-connection noise (scanners' TLS handshakes, clients
+			// that hang up) at debug; failing accepts are logged at warn
+			// by acceptLog.
+			ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 		}
 	}
 	srv := newServer(rt)
@@ -325,13 +330,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if dln != nil {
 		dsrv := newServer(debugHandler())
-		go dsrv.Serve(dln)
+		go dsrv.Serve(newAcceptLog(dln, log.With("listener", "debug")))
 		defer dsrv.Close()
 		log.Info("debug listening", "addr", dln.Addr().String())
 	}
 
 	serveErr := make(chan error, 2)
 	go func() {
+		ln := newAcceptLog(ln, log)
 		if tlsConf != nil {
 			// The certificate comes from srv.TLSConfig; ServeTLS also
 			// sets up HTTP/2 for plain requests (WebSockets stay on
@@ -342,7 +348,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		serveErr <- srv.Serve(ln)
 	}()
 	if hsrv != nil {
-		go func() { serveErr <- hsrv.Serve(hln) }()
+		go func() { serveErr <- hsrv.Serve(newAcceptLog(hln, log.With("listener", "http"))) }()
 	}
 
 	// Serve returns before Shutdown only when it fails; then the members
@@ -443,4 +449,67 @@ func (b buildInfo) String() string {
 		s += " " + b.goVersion
 	}
 	return s
+}
+
+// acceptLog makes a listener's Accept errors visible: at warn level, at most
+// one line per interval, each with how many errors it left out. An error
+// such as EMFILE (too many open files) is temporary to net/http, which
+// retries with a backoff and says so only through its ErrorLog, kept at
+// debug for the per-connection noise it mostly carries.
+type acceptLog struct {
+	net.Listener
+	log   *slog.Logger
+	every time.Duration
+	now   func() time.Time
+
+	// pending mirrors suppressed > 0, so a successful Accept takes the
+	// lock only after errors.
+	pending atomic.Bool
+
+	mu         sync.Mutex
+	last       time.Time // when a line was last logged; guarded by mu
+	suppressed int       // errors not logged since; guarded by mu
+}
+
+func newAcceptLog(ln net.Listener, log *slog.Logger) *acceptLog {
+	return &acceptLog{Listener: ln, log: log, every: time.Second, now: time.Now}
+}
+
+// Accept implements net.Listener.
+func (l *acceptLog) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	switch {
+	case err == nil:
+		if l.pending.Load() {
+			l.note(nil)
+		}
+	case !errors.Is(err, net.ErrClosed): // closed: Shutdown, not a failure
+		l.note(err)
+	}
+	return c, err
+}
+
+// note logs an accept error, or a success after errors not logged yet,
+// unless a line went out less than l.every ago; then it counts the error
+// for the next line.
+func (l *acceptLog) note(err error) {
+	now := l.now()
+	l.mu.Lock()
+	if !l.last.IsZero() && now.Sub(l.last) < l.every {
+		if err != nil {
+			l.suppressed++
+			l.pending.Store(true)
+		}
+		l.mu.Unlock()
+		return
+	}
+	n := l.suppressed
+	l.last, l.suppressed = now, 0
+	l.pending.Store(false)
+	l.mu.Unlock()
+	if err != nil {
+		l.log.Warn("accept failed", "err", err, "suppressed", n)
+	} else if n > 0 {
+		l.log.Info("accepting again", "suppressed", n)
+	}
 }

@@ -335,6 +335,87 @@ func TestJSONLogDurations(t *testing.T) {
 	}
 }
 
+// scriptedListener fails its first errs Accepts with a temporary error,
+// then accepts one connection, then is closed.
+type scriptedListener struct {
+	errs     int
+	accepted bool
+}
+
+type tempError struct{}
+
+func (tempError) Error() string   { return "accept tcp: too many open files" }
+func (tempError) Timeout() bool   { return false }
+func (tempError) Temporary() bool { return true }
+
+func (l *scriptedListener) Accept() (net.Conn, error) {
+	switch {
+	case l.errs > 0:
+		l.errs--
+		return nil, tempError{}
+	case !l.accepted:
+		l.accepted = true
+		c, _ := net.Pipe()
+		return c, nil
+	}
+	return nil, net.ErrClosed
+}
+func (l *scriptedListener) Close() error   { return nil }
+func (l *scriptedListener) Addr() net.Addr { return &net.TCPAddr{} }
+
+func TestAcceptErrorsLogged(t *testing.T) {
+	const errs = 3000
+	var buf strings.Builder
+	log, err := newLogger("json", "info", &buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A fake clock: each Accept takes 1 ms, so the flood lasts 3 s.
+	now := time.Unix(0, 0)
+	l := newAcceptLog(&scriptedListener{errs: errs}, log)
+	l.now = func() time.Time { now = now.Add(time.Millisecond); return now }
+	for {
+		c, err := l.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			break
+		}
+		if c != nil {
+			c.Close()
+		}
+	}
+
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) > 5 {
+		t.Fatalf("got %d log lines for %d accept errors over 3 s, want at most 5", len(lines), errs)
+	}
+	counted, failed, recovered := 0, 0, 0
+	for _, line := range lines {
+		var rec struct {
+			Level, Msg, Err string
+			Suppressed      int
+		}
+		if err := json.Unmarshal([]byte(line), &rec); err != nil {
+			t.Fatalf("%q: %v", line, err)
+		}
+		switch rec.Msg {
+		case "accept failed":
+			failed++
+			counted += 1 + rec.Suppressed
+			if rec.Level != "WARN" || !strings.Contains(rec.Err, "too many open files") {
+				t.Errorf("got %s, want a warning with the error", line)
+			}
+		case "accepting again":
+			recovered++
+			counted += rec.Suppressed
+		default:
+			t.Errorf("unexpected line %s", line)
+		}
+	}
+	if failed < 2 || recovered != 1 || counted != errs {
+		t.Errorf("got %d failure lines, %d recovery lines, %d errors counted; want 2 or more, 1, %d:\n%s", failed, recovered, counted, errs, buf.String())
+	}
+}
+
 // get answers a GET's status and body.
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
