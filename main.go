@@ -317,14 +317,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		_, httpsPort, _ := net.SplitHostPort(ln.Addr().String())
 		hsrv = newServer(plainHTTP(redirectHTTPS(httpsPort)))
 	}
-	mode := "off"
+	mode, scheme := "off", "http"
 	switch {
 	case len(o.tls.acmeDomains) > 0:
-		mode = "acme"
+		mode, scheme = "acme", "https"
 	case tlsConf != nil:
-		mode = "files"
+		mode, scheme = "files", "https"
 	}
-	log.Info("listening", "addr", ln.Addr().String(), "tls", mode)
+	build := readBuildInfo()
+	log.Info("listening", "url", scheme+"://"+ln.Addr().String(), "addr", ln.Addr().String(), "tls", mode,
+		build.attrs(), limitAttrs(o))
 	if hsrv != nil {
 		log.Info("redirecting http to https", "addr", hln.Addr().String(), "acme_http01", mode == "acme")
 	}
@@ -449,6 +451,56 @@ func (b buildInfo) String() string {
 		s += " " + b.goVersion
 	}
 	return s
+}
+
+// attrs are the build's log attributes, the recorded ones only.
+func (b buildInfo) attrs() slog.Attr {
+	as := []any{"version", b.version}
+	if b.revision != "" {
+		as = append(as, "vcs.revision", b.revision)
+	}
+	if b.modified != "" {
+		as = append(as, "vcs.modified", b.modified == "true")
+	}
+	return slog.Group("build", append(as, "go", b.goVersion)...)
+}
+
+// limitAttrs are the limits the flags and environment set, for the startup
+// line: what an operator looks for when a refusal surprises them. They are
+// the values given; a router flag given as 0 means its default (README,
+// "Configuration").
+func limitAttrs(o *options) slog.Attr {
+	rc, gc := &o.router, &o.router.Registry
+	rate := func(l router.Limit) string {
+		if l.Rate <= 0 {
+			return "off"
+		}
+		return fmt.Sprintf("%g/s burst %d", l.Rate, l.Burst)
+	}
+	return slog.Group("limits",
+		"max_message", rc.MaxMessage,
+		"send_queue_bytes", rc.SendQueueBytes,
+		"max_registrations", gc.MaxRegistrations,
+		"max_members", gc.MaxMembers,
+		"write_timeout", rc.WriteTimeout,
+		"ping_interval", rc.PingInterval,
+		"ping_timeout", rc.PingTimeout,
+		"gc_grace", gc.GCGrace,
+		"unused_ttl", gc.UnusedTTL,
+		"relay_timeout", rc.RelayTimeout,
+		"relay_max_body", rc.RelayMaxBody,
+		"relay_max_pending", rc.RelayMaxPending,
+		"relay_queue_bytes", rc.RelayQueueBytes,
+		"relay_max_memory", rc.RelayMaxMemory,
+		"rate_register", rate(rc.RateRegister),
+		"rate_connect", rate(rc.RateConnect),
+		"rate_relay", rate(rc.RateRelay),
+		"rate_badkey", rate(rc.RateBadKey),
+		"rate_message", rate(rc.RateMessage),
+		"bcrypt_cost", gc.BcryptCost,
+		"drain_delay", o.drainDelay,
+		"shutdown_timeout", o.shutdownTimeout,
+	)
 }
 
 // acceptLog makes a listener's Accept errors visible: at warn level, at most

@@ -335,6 +335,42 @@ func TestJSONLogDurations(t *testing.T) {
 	}
 }
 
+func TestStartupLine(t *testing.T) {
+	_, lines, _ := startProgram(t, "-rate-connect", "0", "-max-members", "7")
+	rec := waitLog(t, lines, "listening")
+	if rec["level"] != "INFO" {
+		t.Errorf("level: got %v, want INFO", rec["level"])
+	}
+	if got, want := rec["url"], "http://"+rec["addr"].(string); got != want {
+		t.Errorf("url: got %v, want %v", got, want)
+	}
+	build, _ := rec["build"].(map[string]any)
+	if v, _ := build["version"].(string); v == "" {
+		t.Errorf("build: got %v, want a version", rec["build"])
+	}
+	limits, _ := rec["limits"].(map[string]any)
+	tests := []struct {
+		name string
+		want any
+	}{
+		{"max_message", float64(1 << 20)},
+		{"max_members", float64(7)},
+		{"max_registrations", float64(10000)},
+		{"send_queue_bytes", float64(4 << 20)},
+		{"relay_queue_bytes", float64(8 << 20)},
+		{"relay_max_memory", float64(256 << 20)},
+		{"rate_message", "1000/s burst 2000"},
+		{"rate_connect", "off"},
+		{"write_timeout", "10s"},
+		{"drain_delay", "0s"},
+	}
+	for _, tt := range tests {
+		if got := limits[tt.name]; got != tt.want {
+			t.Errorf("limits.%s: got %v (%T), want %v", tt.name, got, got, tt.want)
+		}
+	}
+}
+
 // scriptedListener fails its first errs Accepts with a temporary error,
 // then accepts one connection, then is closed.
 type scriptedListener struct {
