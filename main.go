@@ -1,6 +1,7 @@
 // Command wsrouter is a self-hosted WebSocket router: programs on different
 // private networks reach each other through rooms on one server they all dial
-// out to. See README.md for the API and ../shared/SPEC.md for the contract.
+// out to. README.md describes the protocol (its API section and the ones
+// after it) and every flag.
 package main
 
 import (

@@ -1,5 +1,6 @@
 // Command device is a pretend device behind NAT that anyone with the key can
-// reach over plain HTTP through wsrouter's /relay/{id}/… (SPEC §7).
+// reach over plain HTTP through wsrouter's /relay/{id}/… (the main README's
+// "Reach a device behind NAT" describes the frames).
 //
 // It joins a hostclient registration as its host and answers each relay
 // frame the way a small board would:
@@ -251,7 +252,7 @@ func (d *device) serve(ctx context.Context, ws *websocket.Conn, out io.Writer) e
 	}
 }
 
-// request is a relay request frame (SPEC §7).
+// request is a relay request frame (README, "The request frame").
 type request struct {
 	RID          string            `json:"rid"`
 	Method       string            `json:"method"`
