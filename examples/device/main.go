@@ -152,7 +152,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 // tryIt prints curl commands for every route. The key stays a shell
 // variable: it is never printed.
 func tryIt(out io.Writer, c *config) {
-	fmt.Fprintf(out, `Try it from another terminal (export the same WSR_KEY there):
+	fmt.Fprintf(out, `Try it from another terminal, with the same WSR_KEY set there:
   curl -H "X-Key: $WSR_KEY" %[1]s/
   curl -H "X-Key: $WSR_KEY" %[1]s/reading
   curl -H "X-Key: $WSR_KEY" -X POST '%[1]s/led?state=toggle'
