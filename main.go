@@ -138,7 +138,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.StringVar(&tc.acmeDirectory, "acme-directory", letsEncrypt, "ACME directory URL of the CA")
 	fs.StringVar(&tc.acmeCache, "acme-cache", "certs/acme", "directory that keeps the ACME account key and certificates across restarts")
 	fs.StringVar(&tc.acmeCARoots, "acme-ca-roots", "", "PEM file of the only roots trusted when talking to -acme-directory, for a private or test CA (empty: the system's roots)")
-	fs.StringVar(&tc.httpAddr, "http-addr", "", "plain-HTTP listen address that answers ACME HTTP-01 challenges and redirects GET and HEAD to https (empty: :80 with -acme-domains, else none; off: none)")
+	fs.StringVar(&tc.httpAddr, "http-addr", "", "plain-HTTP listen address that answers ACME HTTP-01 challenges and redirects GET and HEAD without credentials to https (empty: :80 with -acme-domains, else none; off: none)")
 
 	// The flag package would print the error and the whole usage to the
 	// output; run prints the error and a one-line hint instead.
