@@ -108,7 +108,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.DurationVar(&rc.RelayTimeout, "relay-timeout", 10*time.Second, "how long a relay request waits for the device's reply (then 504)")
 	fs.Int64Var(&rc.RelayMaxBody, "relay-max-body", 1<<20, "largest relayed request body, and reply body once decoded, in bytes (then 413 / 502)")
 	fs.IntVar(&rc.RelayMaxPending, "relay-max-pending", 100, "most relay requests waiting on one registration (then 429)")
-	fs.Int64Var(&rc.RelayQueueBytes, "relay-queue-bytes", 8<<20, "relay request bytes queued to one device and not yet written (then 503); keep it at least 3 × -relay-max-body")
+	fs.Int64Var(&rc.RelayQueueBytes, "relay-queue-bytes", 0, "relay request bytes queued to one device and not yet written, then 503 (0: 8 MiB or 3 × -relay-max-body, whichever is larger)")
 	fs.Int64Var(&rc.RelayMaxMemory, "relay-max-memory", 256<<20, "relay request bytes held in memory by the whole process (then 503)")
 	limit := func(l *router.Limit, name string, rate float64, burst int, what string) {
 		fs.Float64Var(&l.Rate, "rate-"+name, rate, what+" (0: no limit)")

@@ -89,7 +89,7 @@ func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn 
 		reg:   reg,
 		role:  role,
 		log:   rt.log.With("reg", reg.ID, "role", role.String(), "conn", id),
-		queue: newSendQueue(rt.cfg.SendQueueBytes),
+		queue: newSendQueue(rt.cfg.SendQueueBytes, rt.cfg.RelayQueueBytes),
 		gone:  make(chan struct{}),
 	}
 	if l := rt.cfg.RateMessage; l.Rate > 0 {
@@ -121,19 +121,7 @@ func (c *conn) onPong(context.Context, []byte) { c.allowFrame() }
 
 // Send implements registry.Member. It never blocks.
 func (c *conn) Send(msg registry.Message) {
-	c.send(msg, true)
-}
-
-// sendRelay queues a relay request frame outside the byte budget: relay
-// frames are bounded on their own (-relay-max-pending × -relay-max-body), and
-// a device's queue must not overflow because two large requests arrived at
-// once.
-func (c *conn) sendRelay(msg registry.Message) {
-	c.send(msg, false)
-}
-
-func (c *conn) send(msg registry.Message, bounded bool) {
-	ok, start := c.queue.push(msg, bounded)
+	ok, start := c.queue.push(msg)
 	if !ok {
 		c.Close(codeSlowConsumer, "slow consumer")
 		return
@@ -141,6 +129,18 @@ func (c *conn) send(msg registry.Message, bounded bool) {
 	if start {
 		go c.writeLoop()
 	}
+}
+
+// sendRelay queues a relay request frame on the device's relay budget
+// (-relay-queue-bytes), apart from its message queue: a device that reads
+// slowly makes callers wait or fail (503), but is never closed as a slow
+// consumer for it. It reports false when the budget is spent.
+func (c *conn) sendRelay(f *relayFrame) bool {
+	ok, start := c.queue.pushRelay(f)
+	if start {
+		go c.writeLoop()
+	}
+	return ok
 }
 
 // Close implements registry.Member: it asks the writer to send a close frame

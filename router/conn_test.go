@@ -145,10 +145,10 @@ func TestSlowConsumerCountedOnce(t *testing.T) {
 // TestQueueForgetsBurstCapacity: after a burst is written, the queue keeps
 // at most maxKeptBatch slots, not the burst's backing array.
 func TestQueueForgetsBurstCapacity(t *testing.T) {
-	q := newSendQueue(1 << 30)
+	q := newSendQueue(1<<30, 1<<20)
 	q.openWriters()
 	for range 60000 {
-		q.push(registry.Message{Data: []byte("x")}, true)
+		q.push(registry.Message{Data: []byte("x")})
 	}
 	batch, step := q.next(nil)
 	if step != stepWrite || len(batch) != 60000 {

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"slices"
 	"sync"
 
 	"wsrouter/registry"
@@ -27,7 +28,8 @@ const msgOverhead = 64
 // queue's own lock means a wake-up can never be lost between "queue empty"
 // and "writer gone".
 type sendQueue struct {
-	max int // byte budget; immutable
+	max      int   // byte budget; immutable
+	relayMax int64 // byte budget of relay frames; immutable
 
 	mu       sync.Mutex
 	msgs     []registry.Message // guarded by mu
@@ -36,19 +38,65 @@ type sendQueue struct {
 	draining bool               // guarded by mu; a writer is running (or parked)
 	parked   bool               // guarded by mu; the writer waits on wake
 	closeReq bool               // guarded by mu; a close frame is to be sent
-	writers  sync.WaitGroup     // Add under mu while open
+	// Relay request frames wait apart from messages, on a budget of their
+	// own, and leave the queue when their request ends unwritten.
+	relay      []*relayFrame  // guarded by mu
+	relayBytes int64          // guarded by mu
+	writers    sync.WaitGroup // Add under mu while open
 
 	wake chan struct{} // capacity 1: new work for a parked writer
 }
 
-func newSendQueue(max int) *sendQueue {
-	return &sendQueue{max: max, wake: make(chan struct{}, 1)}
+func newSendQueue(max int, relayMax int64) *sendQueue {
+	return &sendQueue{max: max, relayMax: relayMax, wake: make(chan struct{}, 1)}
+}
+
+// relayFrame is a relay request frame queued to a device.
+type relayFrame struct {
+	data   []byte
+	queued bool // guarded by the queue's mu
+}
+
+// pushRelay queues a relay frame unless the relay budget is spent (an empty
+// relay queue always takes one). start says the caller must start a writer.
+func (q *sendQueue) pushRelay(f *relayFrame) (ok, start bool) {
+	n := int64(len(f.data))
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.relay) > 0 && q.relayBytes+n > q.relayMax {
+		return false, false
+	}
+	q.relay = append(q.relay, f)
+	q.relayBytes += n
+	f.queued = true
+	return true, q.startLocked()
+}
+
+// dropRelay takes f out of the queue if it has not been handed to the
+// writer yet: its request has ended and nobody waits for the answer.
+func (q *sendQueue) dropRelay(f *relayFrame) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !f.queued {
+		return
+	}
+	f.queued = false
+	q.relayBytes -= int64(len(f.data))
+	for i, g := range q.relay {
+		if g == f {
+			q.relay = slices.Delete(q.relay, i, i+1)
+			break
+		}
+	}
+	if len(q.relay) == 0 {
+		q.relay = nil
+	}
 }
 
 // startLocked reports whether the caller must start a writer, and counts it;
 // a parked writer is woken instead.
 func (q *sendQueue) startLocked() bool {
-	if !q.open || (len(q.msgs) == 0 && !q.closeReq) {
+	if !q.open || (len(q.msgs) == 0 && len(q.relay) == 0 && !q.closeReq) {
 		return false
 	}
 	if q.draining {
@@ -60,14 +108,14 @@ func (q *sendQueue) startLocked() bool {
 	return true
 }
 
-// push queues msg unless bounded and that would exceed the budget; an empty
-// queue always takes one message, so a message up to -max-message always
-// fits. start says the caller must start a writer.
-func (q *sendQueue) push(msg registry.Message, bounded bool) (ok, start bool) {
+// push queues msg unless that would exceed the budget; an empty queue always
+// takes one message, so a message up to -max-message always fits. start says
+// the caller must start a writer.
+func (q *sendQueue) push(msg registry.Message) (ok, start bool) {
 	cost := len(msg.Data) + msgOverhead
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if bounded && len(q.msgs) > 0 && q.bytes+cost > q.max {
+	if len(q.msgs) > 0 && q.bytes+cost > q.max {
 		return false, false
 	}
 	q.msgs = append(q.msgs, msg)
@@ -138,11 +186,16 @@ func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, writerSt
 	case q.closeReq:
 		// draining stays set, so no other writer starts after this one.
 		return nil, stepClose
-	case len(q.msgs) == 0:
+	case len(q.msgs) == 0 && len(q.relay) == 0:
 		q.parked = true
 		return nil, stepPark
 	}
 	msgs := q.msgs
+	for _, f := range q.relay {
+		f.queued = false
+		msgs = append(msgs, registry.Message{Data: f.data})
+	}
+	q.relay, q.relayBytes = nil, 0
 	q.msgs = spare[:0]
 	q.bytes = 0
 	return msgs, stepWrite

@@ -1,12 +1,15 @@
 package router
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"wsrouter/registry"
@@ -17,9 +20,15 @@ import (
 // (SPEC §7).
 const relayLinger = 60 * time.Second
 
-// maxLingering bounds the remembered finished rids per registration; past it
-// the oldest are forgotten early.
-const maxLingering = 1024
+// Finished rids are remembered for the whole of relayLinger, never fewer:
+// when a registration has maxLingering of them (or the process
+// maxLingeringTotal) new relay requests are refused with 503 until the
+// oldest expire. At the default per-address rate (20/s) one caller leaves
+// 1,200 a minute; an entry costs about 60 bytes.
+const (
+	maxLingering      = 1 << 14
+	maxLingeringTotal = 1 << 20
+)
 
 // Relay errors, each a status of SPEC §7.
 var (
@@ -28,6 +37,9 @@ var (
 	errRelayTimeout  = errors.New("host did not answer in time")
 	errHostGone      = errors.New("host went away")
 	errTooManyRelays = errors.New("too many pending relay requests")
+	errHostBusy      = errors.New("host is not reading its relay requests")
+	errRelayMemory   = errors.New("relay memory limit reached")
+	errRelayRecent   = errors.New("too many recent relay requests")
 )
 
 // relay turns HTTP requests into frames for a registration's host and the
@@ -39,19 +51,48 @@ type relay struct {
 	rt  *Router
 	now func() time.Time // time.Now; tests set a fake clock
 
+	// mem counts the bytes of relayed requests held in memory (bodies and
+	// frames) against -relay-max-memory; lingering counts the finished
+	// rids remembered by all rooms against maxLingeringTotal.
+	mem       atomic.Int64
+	lingering atomic.Int64
+
 	// rooms holds the relay state of each registration that has had a
 	// relay request: *registry.Registration → *relayRoom. A sync.Map
 	// because every host text frame looks here, and entries are rare.
 	rooms sync.Map
 }
 
+// rid is a relay request's correlation id: 16 random bytes, 32 hex digits
+// on the wire.
+type rid [16]byte
+
+func newRID() (r rid) {
+	rand.Read(r[:])
+	return r
+}
+
+func (r rid) String() string { return hex.EncodeToString(r[:]) }
+
+// parseRID reads a rid from a reply; ok is false for anything the router
+// cannot have minted.
+func parseRID(s string) (r rid, ok bool) {
+	if len(s) != 2*len(r) {
+		return r, false
+	}
+	_, err := hex.Decode(r[:], []byte(s))
+	return r, err == nil
+}
+
 // relayRoom is the relay state of one registration.
 type relayRoom struct {
+	rl *relay
+
 	mu        sync.Mutex
-	pending   map[string]*pendingRelay // guarded by mu; by rid
-	lingering map[string]time.Time     // guarded by mu; finished rid → when
-	order     []string                 // guarded by mu; lingering rids, oldest first
-	closed    error                    // guarded by mu; set when the registration went
+	pending   map[rid]*pendingRelay // guarded by mu
+	lingering map[rid]int64         // guarded by mu; finished rid → when (unix ns)
+	order     []rid                 // guarded by mu; lingering rids, oldest first
+	closed    error                 // guarded by mu; set when the registration went
 }
 
 // pendingRelay is one request waiting for its host's reply.
@@ -71,14 +112,16 @@ func (rl *relay) room(reg *registry.Registration) *relayRoom {
 		return v.(*relayRoom)
 	}
 	v, _ := rl.rooms.LoadOrStore(reg, &relayRoom{
-		pending:   map[string]*pendingRelay{},
-		lingering: map[string]time.Time{},
+		rl:        rl,
+		pending:   map[rid]*pendingRelay{},
+		lingering: map[rid]int64{},
 	})
 	return v.(*relayRoom)
 }
 
-// add registers a pending request, unless the room is closed or full.
-func (room *relayRoom) add(rid string, p *pendingRelay, max int) error {
+// add registers a pending request, unless the room is closed or full, or
+// remembers as many finished requests as it may.
+func (room *relayRoom) add(id rid, p *pendingRelay, max int, now time.Time) error {
 	room.mu.Lock()
 	defer room.mu.Unlock()
 	if room.closed != nil {
@@ -87,49 +130,68 @@ func (room *relayRoom) add(rid string, p *pendingRelay, max int) error {
 	if len(room.pending) >= max {
 		return errTooManyRelays
 	}
-	room.pending[rid] = p
+	room.expireLocked(now)
+	// Room for this request's rid to linger once it ends: nothing is
+	// forgotten early.
+	if len(room.lingering)+len(room.pending) >= maxLingering ||
+		room.rl.lingering.Load()+int64(len(room.pending)) >= maxLingeringTotal {
+		return errRelayRecent
+	}
+	room.pending[id] = p
 	return nil
 }
 
 // finish removes a pending request and lets its rid linger.
-func (room *relayRoom) finish(rid string, now time.Time) {
+func (room *relayRoom) finish(id rid, now time.Time) {
 	room.mu.Lock()
 	defer room.mu.Unlock()
-	delete(room.pending, rid)
+	delete(room.pending, id)
 	room.expireLocked(now)
-	if len(room.order) >= maxLingering {
-		delete(room.lingering, room.order[0])
-		room.order = room.order[1:]
+	if room.closed != nil {
+		return // the registration is gone: no replies will come
 	}
-	room.lingering[rid] = now
-	room.order = append(room.order, rid)
+	room.lingering[id] = now.UnixNano()
+	room.order = append(room.order, id)
+	room.rl.lingering.Add(1)
 }
 
+// expireLocked forgets the rids that finished relayLinger ago or more.
 func (room *relayRoom) expireLocked(now time.Time) {
+	cutoff := now.Add(-relayLinger).UnixNano()
 	i := 0
 	for ; i < len(room.order); i++ {
-		rid := room.order[i]
-		if now.Sub(room.lingering[rid]) < relayLinger {
+		id := room.order[i]
+		if room.lingering[id] > cutoff {
 			break
 		}
-		delete(room.lingering, rid)
+		delete(room.lingering, id)
 	}
-	room.order = room.order[i:]
+	if i > 0 {
+		room.order = room.order[i:]
+		room.rl.lingering.Add(-int64(i))
+		if len(room.order) == 0 {
+			room.order = nil // let a large backing array go
+		}
+	}
 }
 
 // claim delivers a host's reply to its caller. It reports whether the frame
 // was a reply of this room (pending or lingering), which then must not be
 // forwarded to the clients.
-func (room *relayRoom) claim(rid string, reply []byte, now time.Time) bool {
+func (room *relayRoom) claim(s string, reply []byte, now time.Time) bool {
+	id, ok := parseRID(s)
+	if !ok {
+		return false
+	}
 	room.mu.Lock()
 	defer room.mu.Unlock()
-	if p, ok := room.pending[rid]; ok {
-		delete(room.pending, rid)
+	if p, ok := room.pending[id]; ok {
+		delete(room.pending, id)
 		p.reply <- relayOutcome{reply: reply}
 		return true
 	}
 	room.expireLocked(now)
-	_, late := room.lingering[rid]
+	_, late := room.lingering[id]
 	return late
 }
 
@@ -137,9 +199,9 @@ func (room *relayRoom) claim(rid string, reply []byte, now time.Time) bool {
 func (room *relayRoom) failHost(host registry.Member) {
 	room.mu.Lock()
 	defer room.mu.Unlock()
-	for rid, p := range room.pending {
+	for id, p := range room.pending {
 		if p.host == host {
-			delete(room.pending, rid)
+			delete(room.pending, id)
 			p.reply <- relayOutcome{err: errHostGone}
 		}
 	}
@@ -150,10 +212,19 @@ func (room *relayRoom) close(err error) {
 	room.mu.Lock()
 	defer room.mu.Unlock()
 	room.closed = err
-	for rid, p := range room.pending {
-		delete(room.pending, rid)
+	for id, p := range room.pending {
+		delete(room.pending, id)
 		p.reply <- relayOutcome{err: err}
 	}
+	room.rl.lingering.Add(-int64(len(room.order)))
+	room.order, room.lingering = nil, nil
+}
+
+// pendingLen returns the number of pending requests of the room.
+func (room *relayRoom) pendingLen() int {
+	room.mu.Lock()
+	defer room.mu.Unlock()
+	return len(room.pending)
 }
 
 // pendingCount returns the number of pending requests, for tests and stats.
@@ -176,12 +247,12 @@ func (rl *relay) hostFrame(reg *registry.Registration, data []byte) bool {
 	if !ok {
 		return false // no relay ever: the common case costs one map load
 	}
-	rid, ok := replyRID(data)
+	s, ok := replyRID(data)
 	if !ok {
 		return false
 	}
 	// The frame is parsed further by its caller, off the host's reader.
-	return v.(*relayRoom).claim(rid, data, rl.now())
+	return v.(*relayRoom).claim(s, data, rl.now())
 }
 
 // hostLeft fails the requests waiting on a host whose connection ended.
@@ -212,19 +283,35 @@ func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
 	if err != nil {
 		status, _ = relayStatus(err)
-		rl.rt.log.Debug("relay failed", "status", status, "err", err)
+		id, _, _ := splitRelayPath(r.URL.Path)
+		if !validID(id) {
+			id = ""
+		}
+		rl.rt.log.Debug("relay failed", "reg", id, "status", status, "err", err)
 		writeRelayError(w, err)
 	} else {
 		status = resp.status
 		for k, vs := range resp.header {
 			w.Header()[k] = vs
 		}
-		w.Header().Set("Content-Length", fmt.Sprint(len(resp.body)))
+		w.Header().Set("Content-Length", strconv.Itoa(len(resp.body)))
 		w.WriteHeader(resp.status)
 		w.Write(resp.body)
 	}
 	rl.rt.metrics.relayed(status, time.Since(start))
 }
+
+// charge counts n bytes against -relay-max-memory, or refuses them. The
+// caller gives them back with release.
+func (rl *relay) charge(n int64) error {
+	if rl.mem.Add(n) > rl.rt.cfg.RelayMaxMemory {
+		rl.mem.Add(-n)
+		return errRelayMemory
+	}
+	return nil
+}
+
+func (rl *relay) release(n int64) { rl.mem.Add(-n) }
 
 func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayResponse, error) {
 	rt := rl.rt
@@ -260,6 +347,23 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	if reg.Type != registry.HostClient {
 		return nil, errNotHostClient
 	}
+	host := reg.PickHost()
+	if host == nil {
+		return nil, errNoHost
+	}
+
+	// Memory: the body, then its frame (at most 4/3 of the body plus the
+	// headers, escapes included, as encodeRelayRequest bounds it). Until
+	// the body is read, as much as it may be is held.
+	maxBody := rt.cfg.RelayMaxBody
+	if r.ContentLength >= 0 && r.ContentLength < maxBody {
+		maxBody = r.ContentLength
+	}
+	held := maxBody + relayFrameBound(r, maxBody)
+	if err := rl.charge(held); err != nil {
+		return nil, err
+	}
+	defer func() { rl.release(held) }()
 
 	var body []byte
 	if r.Body != nil {
@@ -273,20 +377,21 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 			return nil, paramError("request body unreadable")
 		}
 	}
-
-	host := reg.PickHost()
-	if host == nil {
-		return nil, errNoHost
-	}
-	rid := newConnID()
-	frame, err := encodeRelayRequest(rid, r.Method, path, query, r.Header, body)
+	rid := newRID()
+	data, err := encodeRelayRequest(rid.String(), r.Method, path, query, r.Header, body)
 	if err != nil {
 		return nil, err
 	}
+	frame := &relayFrame{data: data}
+	// From here on what is held is exactly the body and the frame.
+	actual := int64(len(body) + len(frame.data))
+	rl.release(held - actual)
+	held = actual
+	body = nil // the frame carries it now
 
 	room := rl.room(reg)
 	p := &pendingRelay{host: host, reply: make(chan relayOutcome, 1)}
-	if err := room.add(rid, p, rt.cfg.RelayMaxPending); err != nil {
+	if err := room.add(rid, p, rt.cfg.RelayMaxPending, rl.now()); err != nil {
 		return nil, err
 	}
 	// The linger counts from the request's end, so the time is taken then.
@@ -302,14 +407,18 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 		}
 		rl.rooms.CompareAndDelete(reg, room)
 	}
-	if c, ok := host.(*conn); ok && c.isGone() {
-		room.failHost(host)
-	}
-
 	if c, ok := host.(*conn); ok {
-		c.sendRelay(registry.Message{Data: frame})
+		if c.isGone() {
+			room.failHost(host)
+		}
+		if !c.sendRelay(frame) {
+			return nil, errHostBusy
+		}
+		// A frame still queued when the request ends is never written:
+		// nobody would read its answer.
+		defer c.queue.dropRelay(frame)
 	} else {
-		host.Send(registry.Message{Data: frame})
+		host.Send(registry.Message{Data: frame.data})
 	}
 
 	timer := time.NewTimer(rt.cfg.RelayTimeout)
@@ -319,11 +428,7 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 		if out.err != nil {
 			return nil, out.err
 		}
-		resp, err := parseRelayReply(out.reply, rt.cfg.RelayMaxBody)
-		if err != nil {
-			return nil, err
-		}
-		return resp, nil
+		return parseRelayReply(out.reply, rt.cfg.RelayMaxBody)
 	case <-timer.C:
 		return nil, errRelayTimeout
 	case <-r.Context().Done():
@@ -357,6 +462,10 @@ func relayStatus(err error) (int, string) {
 		return http.StatusBadGateway, "bad reply from host"
 	case errors.Is(err, errTooManyRelays):
 		return http.StatusTooManyRequests, "too many pending requests"
+	case errors.Is(err, errHostBusy):
+		return http.StatusServiceUnavailable, "host busy"
+	case errors.Is(err, errRelayMemory), errors.Is(err, errRelayRecent):
+		return http.StatusServiceUnavailable, "server busy"
 	}
 	return status(err)
 }

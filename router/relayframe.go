@@ -36,13 +36,82 @@ var hopHeaders = map[string]bool{
 // (X-Key, X-Host-Key) and the browser's cookies for the router's origin.
 var dropRequestHeaders = map[string]bool{"Cookie": true, "X-Key": true, "X-Host-Key": true}
 
-// dropReplyHeaders never reach the caller: the device must not set cookies
-// on the router's origin, and the router computes Content-Length itself.
-var dropReplyHeaders = map[string]bool{"Set-Cookie": true, "Content-Length": true}
+// replyHeaders are the headers a device's reply may set (SPEC §7): those
+// that describe the representation and nothing else. Everything else is
+// dropped — CORS, HSTS, CSP, Service-Worker-Allowed, Clear-Site-Data,
+// Set-Cookie, WWW-Authenticate, hop-by-hop headers — because a device's
+// answer is served from the router's origin, which other registrations'
+// pages share: one tenant's device must not be able to change how browsers
+// treat that origin. Custom X-… headers pass except the router's own.
+// Content-Type stands only when the reply has no usable type.
+var replyHeaders = map[string]bool{
+	"Content-Type": true, "Content-Language": true, "Content-Disposition": true,
+	"Cache-Control": true, "Etag": true, "Last-Modified": true, "Location": true, "Vary": true,
+}
+
+// routerHeaders are the router's own X- headers, which a reply never sets.
+var routerHeaders = map[string]bool{
+	"X-Connection-Id": true, "X-Key": true, "X-Host-Key": true, "X-Token": true,
+	"X-Forwarded-For": true, "X-Forwarded-Host": true, "X-Forwarded-Proto": true, "X-Real-Ip": true,
+}
+
+// relaySandbox is the Content-Security-Policy of every relay answer: a page
+// from a device runs scripts in an opaque origin, so it can reach neither
+// the router's origin (other registrations' pages, their keys in URLs) nor
+// its storage.
+const relaySandbox = "sandbox allow-scripts allow-forms allow-popups"
+
+// replyHeaderAllowed reports whether a reply with status may set header k
+// (canonical).
+func replyHeaderAllowed(k string, status int) bool {
+	switch {
+	case k == "Location":
+		return status >= 300 && status < 400
+	case replyHeaders[k]:
+		return true
+	}
+	return len(k) > 2 && (k[:2] == "X-") && !routerHeaders[k]
+}
+
+// cacheControl keeps the directives a device may use (private, no-store,
+// no-cache, max-age=N) and makes the answer private unless it is no-store:
+// a shared cache in front must never serve one caller's keyed answer to
+// another.
+func cacheControl(vals []string) string {
+	var keep []string
+	noStore, private := false, false
+	for _, v := range vals {
+		for d := range strings.SplitSeq(v, ",") {
+			d = strings.ToLower(strings.TrimSpace(d))
+			name, arg, hasArg := strings.Cut(d, "=")
+			switch {
+			case name == "no-store" && !hasArg:
+				noStore = true
+			case name == "private" && !hasArg:
+				private = true
+			case name == "no-cache" && !hasArg:
+			case name == "max-age" && hasArg && arg != "" && strings.Trim(arg, "0123456789") == "":
+			default:
+				continue
+			}
+			keep = append(keep, d)
+		}
+	}
+	if !noStore && !private {
+		keep = append([]string{"private"}, keep...)
+	}
+	return strings.Join(keep, ", ")
+}
 
 // encodeRelayRequest turns an HTTP request (its body already read) into the
 // frame for the device. path is the part after /relay/{id}; query has the
 // key already removed.
+//
+// The frame is never much larger than the request: HTML characters are not
+// escaped (json.Marshal would turn each <, > and & into six bytes), and a
+// body whose JSON string would be larger than its base64 (control
+// characters cost six bytes each) is sent as base64, as a body that is not
+// UTF-8 is. relayFrameBound gives the bound.
 func encodeRelayRequest(rid, method, path string, query url.Values, h http.Header, body []byte) ([]byte, error) {
 	f := relayRequest{RID: rid, Method: method, Path: path}
 	if len(query) > 0 {
@@ -63,7 +132,7 @@ func encodeRelayRequest(rid, method, path string, query url.Values, h http.Heade
 	}
 	if len(body) > 0 {
 		var s string
-		if utf8.Valid(body) {
+		if utf8.Valid(body) && jsonStringLen(body) <= base64.StdEncoding.EncodedLen(len(body)) {
 			s = string(body)
 		} else {
 			s = base64.StdEncoding.EncodeToString(body)
@@ -71,7 +140,57 @@ func encodeRelayRequest(rid, method, path string, query url.Values, h http.Heade
 		}
 		f.Body = &s
 	}
-	return json.Marshal(f)
+	var buf bytes.Buffer
+	buf.Grow(relayFrameSize(&f))
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(f); err != nil {
+		return nil, err
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n")), nil
+}
+
+// jsonStringLen is the length of b (valid UTF-8) as the contents of a JSON
+// string, as encoding/json writes it without HTML escaping.
+func jsonStringLen(b []byte) int {
+	n := len(b)
+	for i := 0; i < len(b); i++ {
+		switch c := b[i]; {
+		case c == '"' || c == '\\' || c == '\n' || c == '\r' || c == '\t':
+			n++ // a two-byte escape
+		case c < 0x20:
+			n += 5 // \u00XX
+		case c == 0xe2 && i+2 < len(b) && b[i+1] == 0x80 && (b[i+2] == 0xa8 || b[i+2] == 0xa9):
+			n += 3 // U+2028 and U+2029 are always escaped
+		}
+	}
+	return n
+}
+
+// relayFrameSize estimates the encoded size of f, to size the buffer once.
+func relayFrameSize(f *relayRequest) int {
+	n := 128 + len(f.Path) + len(f.Method)
+	for k, v := range f.Headers {
+		n += len(k) + len(v) + 8
+	}
+	if f.Body != nil {
+		n += len(*f.Body)
+	}
+	return n
+}
+
+// relayFrameBound bounds the frame of r with a body of up to maxBody bytes:
+// the body at 4/3 (base64, or a string no longer than that), and everything
+// else of the request at six bytes per byte (the worst escape).
+func relayFrameBound(r *http.Request, maxBody int64) int64 {
+	n := int64(len(r.Method)+len(r.URL.Path)+len(r.URL.RawQuery)) + 256
+	for k, vs := range r.Header {
+		n += int64(len(k)) + 4
+		for _, v := range vs {
+			n += int64(len(v)) + 2
+		}
+	}
+	return 6*n + (maxBody+2)/3*4
 }
 
 // endToEnd returns the headers of h that may cross the relay: in canonical
@@ -205,10 +324,12 @@ func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 	}
 
 	if f.Headers != nil {
-		if err := copyReplyHeaders(resp.header, f.Headers); err != nil {
+		if err := copyReplyHeaders(resp.header, f.Headers, resp.status); err != nil {
 			return nil, err
 		}
 	}
+	resp.header.Set("Cache-Control", cacheControl(resp.header.Values("Cache-Control")))
+	resp.header.Set("Content-Security-Policy", relaySandbox)
 
 	var typ string
 	json.Unmarshal(f.Type, &typ) // absent or not a string: no type
@@ -236,19 +357,20 @@ func decodeBase64(s string) ([]byte, error) {
 	return base64.RawStdEncoding.DecodeString(s)
 }
 
-// copyReplyHeaders copies a reply's headers object into h: each value a
-// string or an array of strings. Hop-by-hop headers, Set-Cookie (the device
-// must not set cookies on the router's origin) and Content-Length (the
-// router computes it) are dropped, as is anything that is not a valid header
-// field.
-func copyReplyHeaders(h http.Header, raw json.RawMessage) error {
+// copyReplyHeaders copies the allowed headers of a reply's headers object
+// into h: each value a string or an array of strings. Anything not allowed
+// for a reply with status, or not a valid header field, is dropped.
+func copyReplyHeaders(h http.Header, raw json.RawMessage, status int) error {
 	var hs map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &hs); err != nil {
 		return fmt.Errorf("%w: headers is not an object", errBadReply)
 	}
-	in := http.Header{}
 	for k, v := range hs {
 		if !validHeaderName(k) {
+			continue
+		}
+		k = textproto.CanonicalMIMEHeaderKey(k)
+		if !replyHeaderAllowed(k, status) {
 			continue
 		}
 		var one string
@@ -262,12 +384,9 @@ func copyReplyHeaders(h http.Header, raw json.RawMessage) error {
 		}
 		for _, s := range many {
 			if validHeaderValue(s) {
-				in.Add(k, s)
+				h.Add(k, s)
 			}
 		}
-	}
-	for k, vs := range endToEnd(in, dropReplyHeaders) {
-		h[k] = vs
 	}
 	return nil
 }

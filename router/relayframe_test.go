@@ -79,6 +79,10 @@ func FuzzRelayRequest(f *testing.F) {
 	f.Add("GET", "/status", "led=on&led=off&x=", "Accept", "*/*", []byte(nil))
 	f.Add("POST", "/", "", "Content-Type", "text/plain", []byte("héllo"))
 	f.Add("PUT", "/a/b", "q=%00", "X-Bin", "v", []byte{0xff, 0xfe, 0})
+	// Each invalid UTF-8 alone, valid joined: the first release's oracle
+	// checked them joined.
+	f.Add("\xc2", "\x80", "", "", "", []byte(nil))
+	f.Add("POST", "/", "", "", "", []byte("<<<<&&&&\x01\x02\u2028"))
 	f.Fuzz(func(t *testing.T, method, path, rawQuery, hname, hval string, body []byte) {
 		query, _ := url.ParseQuery(rawQuery)
 		h := http.Header{}
@@ -97,8 +101,16 @@ func FuzzRelayRequest(f *testing.F) {
 		}
 		// encoding/json turns invalid UTF-8 into U+FFFD (a path may hold
 		// it after percent-decoding); valid input comes back exactly.
-		if utf8.ValidString(method+path) && (got.Method != method || got.Path != path) {
-			t.Fatalf("got %q %q, want %q %q", got.Method, got.Path, method, path)
+		if utf8.ValidString(method) && got.Method != method {
+			t.Fatalf("got method %q, want %q", got.Method, method)
+		}
+		if utf8.ValidString(path) && got.Path != path {
+			t.Fatalf("got path %q, want %q", got.Path, path)
+		}
+		// The frame stays within the bound the relay charges for it.
+		r := &http.Request{Method: method, URL: &url.URL{Path: path, RawQuery: query.Encode()}, Header: h}
+		if bound := relayFrameBound(r, int64(len(body))); int64(len(b)) > bound {
+			t.Fatalf("frame of %d bytes over its bound %d", len(b), bound)
 		}
 		var gotBody []byte
 		if got.Body != nil {
@@ -124,4 +136,37 @@ func FuzzRelayRequest(f *testing.F) {
 			t.Fatalf("got %d query names, want %d", len(got.Query), len(query))
 		}
 	})
+}
+
+// TestRelayFrameSize: a body is never escaped into something much larger
+// than itself (the first release's frames were six times the size of a body
+// of "<").
+func TestRelayFrameSize(t *testing.T) {
+	const n = 1 << 20
+	for _, tt := range []struct {
+		name       string
+		body       []byte
+		wantBase64 bool
+	}{
+		{"html characters", bytes.Repeat([]byte("<>&"), n/3), false},
+		{"plain text", bytes.Repeat([]byte("a"), n), false},
+		{"control characters", bytes.Repeat([]byte{1}, n), true},
+		{"line separators", bytes.Repeat([]byte("\u2028"), n/3), true},
+		{"binary", bytes.Repeat([]byte{0xff}, n), true},
+	} {
+		b, err := encodeRelayRequest("0123", "POST", "/", nil, nil, tt.body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if max := len(tt.body)*4/3 + 200; len(b) > max {
+			t.Errorf("%s: frame of %d bytes for a %d-byte body, want at most %d", tt.name, len(b), len(tt.body), max)
+		}
+		var got relayRequest
+		if err := json.Unmarshal(b, &got); err != nil {
+			t.Fatalf("%s: %v", tt.name, err)
+		}
+		if (got.BodyEncoding == "base64") != tt.wantBase64 {
+			t.Errorf("%s: body_encoding %q, want base64 %v", tt.name, got.BodyEncoding, tt.wantBase64)
+		}
+	}
 }

@@ -420,7 +420,9 @@ func TestMessageTooBig(t *testing.T) {
 }
 
 func TestPingTimeout(t *testing.T) {
-	ts := newTestServer(t, Config{PingInterval: 20 * time.Millisecond, PingTimeout: 50 * time.Millisecond})
+	// A timeout long enough that a member which reads always answers in
+	// time on a loaded machine.
+	ts := newTestServer(t, Config{PingInterval: 50 * time.Millisecond, PingTimeout: time.Second})
 	id := ts.register(t, "lobby")
 
 	// A member that reads answers pings and stays through several of them.
@@ -618,7 +620,7 @@ func TestShutdown(t *testing.T) {
 // outliving the batch: pings and pongs written later would then fail, and
 // the member would be dropped on its next message.
 func TestIdleAfterWriteSurvivesPings(t *testing.T) {
-	ts := newTestServer(t, Config{PingInterval: 10 * time.Millisecond, WriteTimeout: 30 * time.Millisecond})
+	ts := newTestServer(t, Config{PingInterval: 20 * time.Millisecond, WriteTimeout: 150 * time.Millisecond})
 	id := ts.register(t, "lobby")
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
@@ -626,8 +628,8 @@ func TestIdleAfterWriteSurvivesPings(t *testing.T) {
 	s := ts.dial(t, id, "")
 	write(t, s, "first")
 	expectNext(t, r, "first")
-	// Ten pings at 10 ms are well past the 30 ms write timeout of the
-	// batch that carried "first". r reads meanwhile, so it answers them.
+	// Ten pings at 20 ms are past the 150 ms write timeout of the batch
+	// that carried "first". r reads meanwhile, so it answers them.
 	got := make(chan string, 1)
 	go func() {
 		_, b, err := r.Read(ctx)
@@ -695,7 +697,7 @@ func TestCORSPreflight(t *testing.T) {
 // is dropped (no close frame can follow a broken write) while the others
 // carry on.
 func TestStalledWriteDropped(t *testing.T) {
-	ts := newTestServer(t, Config{SendQueueBytes: 256 << 20, WriteTimeout: 100 * time.Millisecond})
+	ts := newTestServer(t, Config{SendQueueBytes: 256 << 20, WriteTimeout: 500 * time.Millisecond})
 	id := ts.register(t, "lobby")
 	sender, stalled, fast := ts.dial(t, id, ""), ts.dial(t, id, ""), ts.dial(t, id, "")
 	dropped := make(chan struct{})
