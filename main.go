@@ -327,7 +327,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	build := readBuildInfo()
 	log.Info("listening", "url", scheme+"://"+ln.Addr().String(), "addr", ln.Addr().String(), "tls", mode,
-		build.attrs(), limitAttrs(o))
+		build.attrs(), limitAttrs(rt.Config(), o))
 	if hsrv != nil {
 		log.Info("redirecting http to https", "addr", hln.Addr().String(), "acme_http01", mode == "acme")
 	}
@@ -466,12 +466,11 @@ func (b buildInfo) attrs() slog.Attr {
 	return slog.Group("build", append(as, "go", b.goVersion)...)
 }
 
-// limitAttrs are the limits the flags and environment set, for the startup
-// line: what an operator looks for when a refusal surprises them. They are
-// the values given; a router flag given as 0 means its default (README,
-// "Configuration").
-func limitAttrs(o *options) slog.Attr {
-	rc, gc := &o.router, &o.router.Registry
+// limitAttrs are the limits in force, for the startup line: what an operator
+// looks for when a refusal surprises them. rc is the router's configuration
+// with its defaults filled in.
+func limitAttrs(rc router.Config, o *options) slog.Attr {
+	gc := &o.router.Registry
 	rate := func(l router.Limit) string {
 		if l.Rate <= 0 {
 			return "off"

@@ -46,7 +46,7 @@ func TestFlagsFromEnvironment(t *testing.T) {
 		{"env list", strings.Join(o.router.AllowedOrigins, "|"), "a.example|*.b.example"},
 		{"env drain delay", o.drainDelay, 15 * time.Second},
 		{"version not from env", o.version, false},
-		{"relay queue default", o.router.RelayQueueBytes, int64(8 << 20)},
+		{"relay queue default (0: sized from -relay-max-body)", o.router.RelayQueueBytes, int64(0)},
 		{"relay memory default", o.router.RelayMaxMemory, int64(256 << 20)},
 		{"message rate default", o.router.RateMessage, router.Limit{Rate: 1000, Burst: 2000}},
 	}

@@ -543,6 +543,9 @@ func (rt *Router) refuse(w http.ResponseWriter, endpoint string, err error) {
 	writeError(w, err)
 }
 
+// Config returns the router's configuration with every default filled in.
+func (rt *Router) Config() Config { return rt.cfg }
+
 // Registry returns the router's registry.
 func (rt *Router) Registry() *registry.Registry { return rt.reg }
 
