@@ -2,7 +2,7 @@
 // WebSocket accept, each member's reader and writer, and the metrics. It maps
 // the registry's errors to HTTP statuses and close codes in one place
 // (errors.go). The README at the repository root documents the API for users,
-// with examples; ../shared/SPEC.md is the contract.
+// with examples.
 //
 // # Endpoints
 //

@@ -359,6 +359,11 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	c, err := rt.admit(w, r)
 	if err != nil {
+		code, msg := status(err)
+		// Lockouts and wrong keys have their own lines.
+		if code != http.StatusTooManyRequests && code != http.StatusForbidden || errors.Is(err, errOrigin) {
+			rt.logs.info("refused", "connect refused", "status", code, "why", msg, "client", rt.limits.clientIP(r))
+		}
 		rt.refuse(w, "connect", err)
 		return
 	}
@@ -376,7 +381,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	})
 	if err != nil {
 		// Accept has answered the request.
-		c.log.Debug("upgrade failed", "err", err)
+		rt.logs.info("upgrade", "upgrade failed", "reg", c.reg.ID, "client", rt.limits.clientIP(r), "err", err)
 		c.reg.Leave(c)
 		close(c.gone)
 		if c.role == registry.RoleHost {

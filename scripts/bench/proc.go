@@ -116,9 +116,9 @@ func refArgs(o *options) []string {
 
 // serverEnv returns the environment of a server child: the tool's, minus
 // any WSROUTER_* variable (so the user's shell cannot change the server's
-// configuration unseen), plus per-IP rate limits turned off. Those limits
-// (SPEC §8) are not implemented yet; when they are, their defaults (10
-// connects/s per address) would measure the limiter instead of the router.
+// configuration unseen), plus per-IP rate limits and the per-member frame
+// rate turned off: their defaults (10 connects/s per address, 1,000 frames/s
+// per member) would measure the limiters instead of the router.
 // Variables for flags a server does not have are ignored by it.
 func serverEnv(base []string) []string {
 	var env []string
@@ -132,6 +132,7 @@ func serverEnv(base []string) []string {
 		"WSROUTER_RATE_CONNECT=0",
 		"WSROUTER_RATE_RELAY=0",
 		"WSROUTER_RATE_BADKEY=0",
+		"WSROUTER_RATE_MESSAGE=0",
 	)
 }
 
