@@ -20,6 +20,8 @@
 //	         key)
 //	pair     -pairs P hostclient registrations, the client sends, the host
 //	         echoes: round trips/s and RTT
+//	storm    -n members connect at once to one registration nobody joined
+//	         yet (a fleet after a restart): admitted, refused, time to all in
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
 //	         /relay/{id}/reading answered by a host in this process, beside
 //	         the same handler served directly (the reference here):
@@ -74,6 +76,7 @@ var scenarios = []scenario{
 	{"connect", "connect+close churn, fresh registrations (bcrypt) or one (remembered key): connects/s", newConnect},
 	{"pair", "hostclient pairs ping-ponging: round trips/s, RTT", newPair},
 	{"relay", "HTTP requests relayed to a host, beside a direct HTTP server: round trips/s, latency", newRelay},
+	{"storm", "many first connects at once to one registration (one key, one bcrypt): admitted, refused, seconds until all are in", newStorm},
 }
 
 // bench is one configured scenario.
