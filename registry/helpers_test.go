@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -34,6 +35,9 @@ type fakeMember struct {
 
 func newMember(name string) *fakeMember { return &fakeMember{name: name} }
 
+// ID implements Member: unique per fakeMember, whatever its name.
+func (m *fakeMember) ID() string { return fmt.Sprintf("%s@%p", m.name, m) }
+
 func (m *fakeMember) Send(msg Message) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -60,22 +64,26 @@ func (m *fakeMember) closeCalls() []closeCall {
 	return slices.Clone(m.closes)
 }
 
-// removal is one call of Config.OnRemove.
+// removal is one remove event.
 type removal struct {
 	reg   *Registration
 	cause Cause
 }
 
-// removals records OnRemove calls; safe for concurrent use.
+// removals records remove events; safe for concurrent use.
 type removals struct {
 	mu   sync.Mutex
 	list []removal
 }
 
-func (rs *removals) record(reg *Registration, c Cause) {
+// observe is an Observer that records the remove events.
+func (rs *removals) observe(ev Event) {
+	if ev.Kind != EventRemove {
+		return
+	}
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
-	rs.list = append(rs.list, removal{reg, c})
+	rs.list = append(rs.list, removal{ev.Reg, ev.Cause})
 }
 
 func (rs *removals) get() []removal {
@@ -115,7 +123,7 @@ func newTestRegistry(cfg Config) *Registry {
 
 func mustCreate(t *testing.T, r *Registry, idReq string, typ Type) *Registration {
 	t.Helper()
-	reg, err := r.Create(context.Background(), idReq, typ, testKey, testHostKey)
+	reg, err := r.Create(context.Background(), Spec{ID: idReq, Type: typ, Key: testKey, HostKey: testHostKey})
 	if err != nil {
 		t.Fatalf("Create(%q, %v): got error %v, want nil", idReq, typ, err)
 	}
@@ -155,17 +163,17 @@ func wantGone(t *testing.T, r *Registry, reg *Registration) {
 	}
 }
 
-// wantRemovals compares OnRemove calls with the wanted registrations and
+// wantRemovals compares remove events with the wanted registrations and
 // causes, in order.
 func wantRemovals(t *testing.T, rs *removals, want ...removal) {
 	t.Helper()
 	got := rs.get()
 	if len(got) != len(want) {
-		t.Fatalf("OnRemove calls: got %d %v, want %d %v", len(got), got, len(want), want)
+		t.Fatalf("remove events: got %d %v, want %d %v", len(got), got, len(want), want)
 	}
 	for i := range want {
 		if got[i] != want[i] {
-			t.Fatalf("OnRemove call %d: got (%p, %v), want (%p, %v)",
+			t.Fatalf("remove event %d: got (%p, %v), want (%p, %v)",
 				i, got[i].reg, got[i].cause, want[i].reg, want[i].cause)
 		}
 	}

@@ -136,39 +136,25 @@ func (reg *Registration) check(ctx context.Context, key string, host bool, gate 
 	start := time.Now()
 	fk := flightKey{host: host, mac: mac(key)}
 	observe := reg.registry.cfg.OnKeyCheck
-	memo, hash := &reg.keyMAC, reg.keyHash
+	memo, hash := &reg.keyMAC, reg.KeyHash
 	if host {
-		memo, hash = &reg.hostKeyMAC, reg.hostKeyHash
+		memo, hash = &reg.hostKeyMAC, reg.HostKeyHash
 	}
 
-	// A remembered key, or a bcrypt of the same key already running.
+	// A remembered key, or a bcrypt of the same key already running; else
+	// this check starts one, registered before the gate is asked so that
+	// concurrent checks of the key wait for it rather than ask too.
 	reg.mu.Lock()
 	known, f := *memo, reg.flights[fk]
-	reg.mu.Unlock()
 	if known != nil && hmac.Equal(known, fk.mac[:]) {
+		reg.mu.Unlock()
 		if observe != nil {
 			observe(KeyRemembered, time.Since(start))
 		}
 		return nil
 	}
 	if f != nil {
-		return reg.await(ctx, f, key, host, gate, start)
-	}
-
-	var end func(failed bool)
-	if gate != nil {
-		var err error
-		if end, err = gate(); err != nil {
-			return err
-		}
-	}
-	reg.mu.Lock()
-	if f := reg.flights[fk]; f != nil {
-		// Another check of this key started while the gate was asked.
 		reg.mu.Unlock()
-		if end != nil {
-			end(false)
-		}
 		return reg.await(ctx, f, key, host, gate, start)
 	}
 	f = &flight{done: make(chan struct{})}
@@ -178,6 +164,17 @@ func (reg *Registration) check(ctx context.Context, key string, host bool, gate 
 	reg.flights[fk] = f
 	reg.mu.Unlock()
 
+	var end func(failed bool)
+	if gate != nil {
+		var err error
+		if end, err = gate(); err != nil {
+			// Refused for this caller only: those waiting try again,
+			// each through its own gate.
+			reg.land(fk, f, errGateRefused, memo)
+			return err
+		}
+	}
+
 	// Once a worker is had, bcrypt runs to its end even if this caller
 	// goes away. A caller that gives up waiting for a worker ends the
 	// flight with its context's error; those waiting on it try again.
@@ -185,14 +182,7 @@ func (reg *Registration) check(ctx context.Context, key string, host bool, gate 
 	if err != nil {
 		err = fmt.Errorf("check key for %s: %w", reg.ID, err)
 	}
-	reg.mu.Lock()
-	delete(reg.flights, fk)
-	if err == nil {
-		*memo = fk.mac[:]
-	}
-	f.err = err
-	close(f.done)
-	reg.mu.Unlock()
+	reg.land(fk, f, err, memo)
 	if end != nil {
 		end(errors.Is(err, ErrForbidden))
 	}
@@ -204,15 +194,30 @@ func (reg *Registration) check(ctx context.Context, key string, host bool, gate 
 	return err
 }
 
+// errGateRefused ends a flight whose starter was refused by its gate.
+var errGateRefused = errors.New("gate refused the check that started the bcrypt")
+
+// land ends flight f with err, remembering the key's MAC on success.
+func (reg *Registration) land(fk flightKey, f *flight, err error, memo *[]byte) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	delete(reg.flights, fk)
+	if err == nil {
+		*memo = fk.mac[:]
+	}
+	f.err = err
+	close(f.done)
+}
+
 // await waits for a bcrypt another check started, and checks again if that
-// one gave up before it had a worker.
+// one gave up before it had a worker or was refused by its gate.
 func (reg *Registration) await(ctx context.Context, f *flight, key string, host bool, gate Gate, start time.Time) error {
 	select {
 	case <-f.done:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	if errors.Is(f.err, context.Canceled) || errors.Is(f.err, context.DeadlineExceeded) {
+	if errors.Is(f.err, context.Canceled) || errors.Is(f.err, context.DeadlineExceeded) || f.err == errGateRefused {
 		return reg.check(ctx, key, host, gate)
 	}
 	if observe := reg.registry.cfg.OnKeyCheck; observe != nil && decided(f.err) {
@@ -235,8 +240,8 @@ func (reg *Registration) CheckKeys(ctx context.Context, key, hostKey string, gat
 		}
 	}
 	start := time.Now()
-	errKey := reg.registry.hasher.compare(ctx, reg.keyHash, key)
-	errHost := reg.registry.hasher.compare(ctx, reg.hostKeyHash, hostKey)
+	errKey := reg.registry.hasher.compare(ctx, reg.KeyHash, key)
+	errHost := reg.registry.hasher.compare(ctx, reg.HostKeyHash, hostKey)
 	for _, e := range []error{errKey, errHost} {
 		if errors.Is(e, ErrForbidden) {
 			wrong++

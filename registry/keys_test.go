@@ -140,7 +140,7 @@ func TestCheckKeyBusy(t *testing.T) {
 		}
 
 		// A Create that cannot hash registers nothing.
-		if got, err := r.Create(ctx, "busy", Lobby, testKey, testHostKey); !errors.Is(err, ErrBusy) || got != nil {
+		if got, err := r.Create(ctx, Spec{ID: "busy", Type: Lobby, Key: testKey, HostKey: testHostKey}); !errors.Is(err, ErrBusy) || got != nil {
 			t.Fatalf("Create with the pool busy: got (%v, %v), want (nil, ErrBusy)", got, err)
 		}
 		if _, err := r.Get("busy"); !errors.Is(err, ErrNotFound) {
@@ -242,7 +242,7 @@ func TestCheckKeyCanceled(t *testing.T) {
 
 		ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		got, err := r.Create(ctx, "canceled", Lobby, testKey, testHostKey)
+		got, err := r.Create(ctx, Spec{ID: "canceled", Type: Lobby, Key: testKey, HostKey: testHostKey})
 		if !errors.Is(err, context.DeadlineExceeded) || got != nil {
 			t.Fatalf("Create past its deadline: got (%v, %v), want (nil, DeadlineExceeded)", got, err)
 		}

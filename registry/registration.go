@@ -1,7 +1,9 @@
 package registry
 
 import (
+	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -87,12 +89,22 @@ type Message struct {
 // Member is one participant of a registration: a WebSocket connection in the
 // router, or anything else that can take messages.
 type Member interface {
+	// ID names the member uniquely and for good (the router's connection
+	// id).
+	ID() string
 	// Send queues msg for delivery without blocking. A member whose queue is
 	// full must close itself (as a slow consumer); Send never waits.
 	Send(msg Message)
 	// Close closes the member with a close code and a short reason. It must
 	// not block on the network and may be called more than once.
 	Close(code int, reason string)
+}
+
+// Selector chooses members for SendTo: the one with ID, or else every member
+// with Role, or else (its zero value) every member.
+type Selector struct {
+	Role Role
+	ID   string
 }
 
 // snapshot is an immutable view of a registration's members, published on
@@ -105,18 +117,18 @@ type snapshot struct {
 
 var emptySnapshot snapshot
 
-// Registration is one room.
-type Registration struct {
-	// ID names the registration. Immutable.
-	ID string
-	// Type is hostclient or lobby. Immutable.
-	Type Type
-	// Created is when the registration was made. Immutable.
-	Created time.Time
+// member is a member with its role, as a registration holds it.
+type member struct {
+	m    Member
+	role Role
+}
 
-	registry    *Registry
-	keyHash     []byte // bcrypt; immutable
-	hostKeyHash []byte // bcrypt; immutable
+// Registration is one room: its Record, which never changes, and its live
+// members.
+type Registration struct {
+	Record
+
+	registry *Registry
 
 	snap       atomic.Pointer[snapshot]
 	lastActive atomic.Int64 // unix nanoseconds of the last join, leave or message
@@ -125,7 +137,8 @@ type Registration struct {
 	hostNext   atomic.Uint64 // round-robin cursor for PickHost
 
 	mu         sync.Mutex
-	members    map[Member]Role       // guarded by mu
+	members    map[string]member     // guarded by mu; by member ID
+	removing   bool                  // guarded by mu; a removal is being made durable
 	removed    bool                  // guarded by mu
 	joined     bool                  // guarded by mu; someone joined once
 	timer      *time.Timer           // guarded by mu; GC or unused TTL
@@ -133,95 +146,164 @@ type Registration struct {
 	keyMAC     []byte                // guarded by mu; HMAC of the key once bcrypt accepted it
 	hostKeyMAC []byte                // guarded by mu; the same for the host key
 	flights    map[flightKey]*flight // guarded by mu; bcrypts running, by key
+	events     []Event               // guarded by mu; not yet delivered to observers
+	notifying  bool                  // guarded by mu; a goroutine is delivering events
 }
 
+func (r *Registry) newRegistration(rec Record) *Registration {
+	reg := &Registration{Record: rec, registry: r, members: make(map[string]member)}
+	reg.snap.Store(&emptySnapshot)
+	reg.lastActive.Store(rec.Created.UnixNano())
+	return reg
+}
+
+// Ref names this registration among all that ever had its id.
+func (reg *Registration) Ref() Ref { return Ref{reg.ID, reg.Generation} }
+
 // Join adds m with role. Errors: ErrClosed once the registry closed,
-// ErrNotFound once the registration was removed, ErrTooManyMembers at
-// MaxMembers.
+// ErrNotFound once the registration was removed (or is being removed),
+// ErrTooManyMembers at MaxMembers, ErrExists when a member with m's ID is
+// already in.
 func (reg *Registration) Join(m Member, role Role) error {
 	if reg.registry.isClosed() {
 		return ErrClosed
 	}
+	id := m.ID()
 	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	if reg.removed {
+	switch {
+	case reg.removed || reg.removing:
+		reg.mu.Unlock()
 		return fmt.Errorf("join %s: %w", reg.ID, ErrNotFound)
-	}
-	if max := reg.registry.cfg.MaxMembers; max > 0 && len(reg.members) >= max {
+	case reg.registry.cfg.MaxMembers > 0 && len(reg.members) >= reg.registry.cfg.MaxMembers:
+		reg.mu.Unlock()
 		return fmt.Errorf("join %s: %w", reg.ID, ErrTooManyMembers)
 	}
-	reg.members[m] = role
+	if _, dup := reg.members[id]; dup {
+		reg.mu.Unlock()
+		return fmt.Errorf("join %s: member %s: %w", reg.ID, id, ErrExists)
+	}
+	reg.members[id] = member{m, role}
 	reg.joined = true
 	reg.stopTimerLocked()
 	reg.publishLocked()
 	reg.touch()
+	reg.eventLocked(Event{Kind: EventJoin, Member: m, Role: role})
+	reg.mu.Unlock()
+	reg.notify()
 	return nil
 }
 
-// Leave removes m. Leaving a removed registration, or leaving twice, does
-// nothing, so a late leave can never touch a newer registration with the same
-// id: it only ever sees its own Registration value.
-func (reg *Registration) Leave(m Member) {
+// Leave removes m, whose connection ended as closure says. Leaving a removed
+// registration, or leaving twice, does nothing, so a late leave can never
+// touch a newer registration with the same id: it only ever sees its own
+// Registration value.
+func (reg *Registration) Leave(m Member, closure Closure) {
 	reg.mu.Lock()
-	if _, ok := reg.members[m]; !ok || reg.removed {
+	e, ok := reg.members[m.ID()]
+	if !ok || e.m != m || reg.removed {
 		reg.mu.Unlock()
 		return
 	}
-	delete(reg.members, m)
+	delete(reg.members, m.ID())
 	reg.publishLocked()
 	reg.touch()
-	if len(reg.members) > 0 {
-		reg.mu.Unlock()
-		return
-	}
-	if grace := reg.registry.cfg.GCGrace; grace > 0 {
+	reg.eventLocked(Event{Kind: EventLeave, Member: m, Role: e.role, Closure: closure})
+	empty := len(reg.members) == 0
+	grace := reg.registry.cfg.GCGrace
+	if empty && grace > 0 {
 		reg.armTimerLocked(grace, CauseGC)
-		reg.mu.Unlock()
-		return
 	}
-	members := reg.detachLocked()
 	reg.mu.Unlock()
-	reg.finish(members, CauseGC, 4000, "registration removed")
+	reg.notify()
+	if empty && grace <= 0 {
+		reg.removeIf(context.Background(), CauseGC, func() bool { return len(reg.members) == 0 && !reg.removing })
+	}
 }
 
-// Remove deletes the registration and closes every member with 4000
-// "registration removed". It is idempotent.
-func (reg *Registration) Remove() {
-	reg.remove(CauseAdmin, 4000, "registration removed")
+// Remove deletes the registration (durably, through the store, before
+// anything else) and closes every member with 4000 "registration removed".
+// It is idempotent.
+func (reg *Registration) Remove(ctx context.Context) error {
+	return reg.remove(ctx, CauseAdmin, 4000, "registration removed")
 }
 
-func (reg *Registration) remove(cause Cause, code int, reason string) {
+func (reg *Registration) remove(ctx context.Context, cause Cause, code int, reason string) error {
+	return reg.removeWith(ctx, cause, code, reason, func() bool { return true })
+}
+
+// removeIf removes the registration for cause if cond, checked under its
+// lock before and after the removal is made durable, still holds.
+func (reg *Registration) removeIf(ctx context.Context, cause Cause, cond func() bool) {
+	reg.removeWith(ctx, cause, 4000, "registration removed", cond)
+}
+
+// removeWith makes a removal durable in the store first, then visible: the
+// registration is marked as being removed (joins are refused) while the
+// store deletes it, then detached and its members closed. If the store
+// fails, the registration stays as it was.
+func (reg *Registration) removeWith(ctx context.Context, cause Cause, code int, reason string, cond func() bool) error {
+	reg.mu.Lock()
+	if reg.removed || reg.removing || !cond() {
+		reg.mu.Unlock()
+		return nil
+	}
+	reg.removing = true
+	reg.stopTimerLocked()
+	reg.mu.Unlock()
+
+	if err := reg.registry.store.Delete(ctx, reg.Ref()); err != nil {
+		reg.mu.Lock()
+		reg.removing = false
+		if len(reg.members) == 0 {
+			// Try again later, as if it had just emptied.
+			reg.armTimerLocked(max(reg.registry.cfg.GCGrace, time.Second), CauseGC)
+		}
+		reg.mu.Unlock()
+		return fmt.Errorf("remove %s: %w", reg.ID, err)
+	}
+
+	reg.mu.Lock()
+	reg.removing = false
+	if reg.removed { // the registry closed meanwhile
+		reg.mu.Unlock()
+		return nil
+	}
+	reg.detach(cause, code, reason) // unlocks
+	return nil
+}
+
+// detach ends the registration's live part, with reg.mu held (and released
+// here): it is marked removed, leaves the registry, its observers hear of it
+// and its members are closed with code and reason. The store is not
+// touched: a shutdown detaches every registration and keeps their records.
+func (reg *Registration) detach(cause Cause, code int, reason string) {
+	reg.removed = true
+	reg.stopTimerLocked()
+	members := make([]Member, 0, len(reg.members))
+	for _, e := range reg.members {
+		members = append(members, e.m)
+	}
+	clear(reg.members)
+	reg.publishLocked()
+	reg.eventLocked(Event{Kind: EventRemove, Cause: cause})
+	reg.mu.Unlock()
+
+	reg.registry.forget(reg)
+	reg.notify()
+	for _, m := range members {
+		m.Close(code, reason)
+	}
+}
+
+// shutdown detaches the registration for the registry's Close, leaving its
+// record in the store.
+func (reg *Registration) shutdown(code int, reason string) {
 	reg.mu.Lock()
 	if reg.removed {
 		reg.mu.Unlock()
 		return
 	}
-	members := reg.detachLocked()
-	reg.mu.Unlock()
-	reg.finish(members, cause, code, reason)
-}
-
-// detachLocked marks the registration removed and returns its members, so
-// that the caller can close them after unlocking.
-func (reg *Registration) detachLocked() []Member {
-	reg.removed = true
-	reg.stopTimerLocked()
-	members := make([]Member, 0, len(reg.members))
-	for m := range reg.members {
-		members = append(members, m)
-	}
-	clear(reg.members)
-	reg.publishLocked()
-	return members
-}
-
-// finish runs the part of a removal that must not hold reg.mu: the registry
-// lock, the OnRemove hook and closing members.
-func (reg *Registration) finish(members []Member, cause Cause, code int, reason string) {
-	reg.registry.forget(reg, cause)
-	for _, m := range members {
-		m.Close(code, reason)
-	}
+	reg.detach(CauseShutdown, code, reason)
 }
 
 // Removed reports whether the registration has been removed.
@@ -231,11 +313,19 @@ func (reg *Registration) Removed() bool {
 	return reg.removed
 }
 
-// Broadcast forwards msg from a sender with role to every receiver its role
-// reaches: in a lobby every other member, in a hostclient registration the
-// clients of a host and the hosts of a client. It returns the number of
-// receivers. It takes no lock.
-func (reg *Registration) Broadcast(from Member, role Role, msg Message) int {
+// Publish sends msg from a member with role through the registry's broker:
+// the one path of every member's message. It returns the number of
+// receivers on this node.
+func (reg *Registration) Publish(from Member, role Role, msg Message) int {
+	return reg.registry.broker.Publish(reg, from, role, msg)
+}
+
+// Deliver queues msg from a sender with role to every receiver its role
+// reaches on this node: in a lobby every other member, in a hostclient
+// registration the clients of a host and the hosts of a client. from may be
+// nil (a message from another node). It returns the number of receivers. It
+// takes no lock.
+func (reg *Registration) Deliver(from Member, role Role, msg Message) int {
 	s := reg.snap.Load()
 	var to []Member
 	switch role {
@@ -257,6 +347,42 @@ func (reg *Registration) Broadcast(from Member, role Role, msg Message) int {
 	reg.msgsOut.Add(uint64(n))
 	reg.lastActive.Store(time.Now().UnixNano())
 	return n
+}
+
+// SendTo queues msg to the members sel chooses and returns how many. It is
+// the path of messages that come from outside the registration (a backend).
+func (reg *Registration) SendTo(sel Selector, msg Message) int {
+	var to []Member
+	switch s := reg.snap.Load(); {
+	case sel.ID != "":
+		reg.mu.Lock()
+		e, ok := reg.members[sel.ID]
+		reg.mu.Unlock()
+		if ok {
+			to = []Member{e.m}
+		}
+	case sel.Role == RoleHost:
+		to = s.hosts
+	case sel.Role == RoleClient:
+		to = s.clients
+	case sel.Role == RoleMember:
+		to = s.members
+	default:
+		to = slices.Concat(s.hosts, s.clients, s.members)
+	}
+	for _, m := range to {
+		m.Send(msg)
+	}
+	reg.msgsOut.Add(uint64(len(to)))
+	return len(to)
+}
+
+// Member returns the live member with id and its role.
+func (reg *Registration) Member(id string) (Member, Role, bool) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	e, ok := reg.members[id]
+	return e.m, e.role, ok
 }
 
 // PickHost returns one host, round-robin among the registration's hosts, or
@@ -283,14 +409,14 @@ func (reg *Registration) Stats() (msgsIn, msgsOut uint64, lastActive time.Time) 
 
 func (reg *Registration) publishLocked() {
 	s := &snapshot{}
-	for m, role := range reg.members {
-		switch role {
+	for _, e := range reg.members {
+		switch e.role {
 		case RoleHost:
-			s.hosts = append(s.hosts, m)
+			s.hosts = append(s.hosts, e.m)
 		case RoleClient:
-			s.clients = append(s.clients, m)
+			s.clients = append(s.clients, e.m)
 		default:
-			s.members = append(s.members, m)
+			s.members = append(s.members, e.m)
 		}
 	}
 	reg.snap.Store(s)
@@ -298,6 +424,43 @@ func (reg *Registration) publishLocked() {
 
 func (reg *Registration) touch() {
 	reg.lastActive.Store(time.Now().UnixNano())
+}
+
+// eventLocked queues ev for the observers; notify delivers it once the lock
+// is released. Queueing under the lock is what orders a registration's
+// events as its state changed.
+func (reg *Registration) eventLocked(ev Event) {
+	if len(reg.registry.cfg.Observers) == 0 {
+		return
+	}
+	ev.Reg = reg
+	ev.Time = time.Now()
+	reg.events = append(reg.events, ev)
+}
+
+// notify delivers queued events to the observers, outside the lock, one at
+// a time and in order. Whoever finds nobody delivering does it; the others
+// leave their events to it.
+func (reg *Registration) notify() {
+	reg.mu.Lock()
+	if reg.notifying {
+		reg.mu.Unlock()
+		return
+	}
+	reg.notifying = true
+	for len(reg.events) > 0 {
+		ev := reg.events[0]
+		reg.events[0] = Event{}
+		reg.events = reg.events[1:]
+		reg.mu.Unlock()
+		for _, o := range reg.registry.cfg.Observers {
+			o(ev)
+		}
+		reg.mu.Lock()
+	}
+	reg.events = nil
+	reg.notifying = false
+	reg.mu.Unlock()
 }
 
 // armTimerLocked (re)starts the removal timer. The epoch lets a timer that
@@ -317,13 +480,8 @@ func (reg *Registration) stopTimerLocked() {
 }
 
 func (reg *Registration) expire(epoch uint64, cause Cause) {
-	reg.mu.Lock()
-	if reg.timerEpoch != epoch || reg.removed || len(reg.members) > 0 ||
-		(cause == CauseUnused && reg.joined) {
-		reg.mu.Unlock()
-		return
-	}
-	members := reg.detachLocked()
-	reg.mu.Unlock()
-	reg.finish(members, cause, 4000, "registration removed")
+	reg.removeIf(context.Background(), cause, func() bool {
+		return reg.timerEpoch == epoch && len(reg.members) == 0 &&
+			!(cause == CauseUnused && reg.joined)
+	})
 }

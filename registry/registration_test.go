@@ -1,6 +1,7 @@
 package registry
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"slices"
@@ -23,11 +24,11 @@ func TestJoinLeaveCounts(t *testing.T) {
 		{"join h1", func() { mustJoin(t, reg, h1, RoleHost) }, 1, 0, 0},
 		{"join h2", func() { mustJoin(t, reg, h2, RoleHost) }, 2, 0, 0},
 		{"join c1", func() { mustJoin(t, reg, c1, RoleClient) }, 2, 1, 0},
-		{"leave h1", func() { reg.Leave(h1) }, 1, 1, 0},
-		{"leave h1 again", func() { reg.Leave(h1) }, 1, 1, 0},
-		{"leave a stranger", func() { reg.Leave(newMember("stranger")) }, 1, 1, 0},
-		{"leave c1", func() { reg.Leave(c1) }, 1, 0, 0},
-		{"leave h2", func() { reg.Leave(h2) }, 0, 0, 0},
+		{"leave h1", func() { reg.Leave(h1, Closure{}) }, 1, 1, 0},
+		{"leave h1 again", func() { reg.Leave(h1, Closure{}) }, 1, 1, 0},
+		{"leave a stranger", func() { reg.Leave(newMember("stranger"), Closure{}) }, 1, 1, 0},
+		{"leave c1", func() { reg.Leave(c1, Closure{}) }, 1, 0, 0},
+		{"leave h2", func() { reg.Leave(h2, Closure{}) }, 0, 0, 0},
 		{"rejoin c1", func() { mustJoin(t, reg, c1, RoleClient) }, 0, 1, 0},
 	}
 	for _, s := range steps {
@@ -64,14 +65,14 @@ func TestJoinTooManyMembers(t *testing.T) {
 		}
 	}
 	wantCounts(t, reg, 1, 1, 0)
-	if n := reg.Broadcast(h, RoleHost, Message{Data: []byte("hi")}); n != 1 {
+	if n := reg.Deliver(h, RoleHost, Message{Data: []byte("hi")}); n != 1 {
 		t.Fatalf("Broadcast after a refused join: got %d receivers, want 1", n)
 	}
 	if got := extra.messages(); len(got) != 0 {
 		t.Fatalf("refused member received %d messages, want 0", len(got))
 	}
 
-	reg.Leave(c)
+	reg.Leave(c, Closure{})
 	mustJoin(t, reg, extra, RoleClient)
 	wantCounts(t, reg, 1, 1, 0)
 
@@ -84,7 +85,7 @@ func TestJoinTooManyMembers(t *testing.T) {
 func TestJoinRemoved(t *testing.T) {
 	r := newTestRegistry(Config{})
 	reg := mustCreate(t, r, "", Lobby)
-	reg.Remove()
+	reg.Remove(context.Background())
 	m := newMember("late")
 	if err := reg.Join(m, RoleMember); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Join on a removed registration: got %v, want ErrNotFound", err)
@@ -103,10 +104,10 @@ func TestBroadcastLobby(t *testing.T) {
 
 	text := Message{Data: []byte("hello")}
 	bin := Message{Binary: true, Data: []byte{0, 1, 2, 0xff}}
-	if n := reg.Broadcast(a, RoleMember, text); n != 2 {
+	if n := reg.Deliver(a, RoleMember, text); n != 2 {
 		t.Fatalf("Broadcast from a: got %d receivers, want 2", n)
 	}
-	if n := reg.Broadcast(b, RoleMember, bin); n != 2 {
+	if n := reg.Deliver(b, RoleMember, bin); n != 2 {
 		t.Fatalf("Broadcast from b: got %d receivers, want 2", n)
 	}
 
@@ -135,7 +136,7 @@ func TestBroadcastLobby(t *testing.T) {
 	solo := mustCreate(t, r, "", Lobby)
 	s := newMember("s")
 	mustJoin(t, solo, s, RoleMember)
-	if n := solo.Broadcast(s, RoleMember, text); n != 0 {
+	if n := solo.Deliver(s, RoleMember, text); n != 0 {
 		t.Fatalf("Broadcast alone: got %d receivers, want 0", n)
 	}
 	if got := s.messages(); len(got) != 0 {
@@ -170,7 +171,7 @@ func TestBroadcastHostClient(t *testing.T) {
 			}
 
 			msg := Message{Data: []byte(tt.name)}
-			if n := reg.Broadcast(members[tt.from], tt.role, msg); n != len(tt.want) {
+			if n := reg.Deliver(members[tt.from], tt.role, msg); n != len(tt.want) {
 				t.Fatalf("Broadcast from %s: got %d receivers, want %d", tt.from, n, len(tt.want))
 			}
 			var got []string
@@ -236,14 +237,14 @@ func TestPickHost(t *testing.T) {
 	}
 
 	// A host that left is never picked.
-	reg.Leave(hosts[0])
+	reg.Leave(hosts[0], Closure{})
 	for i := range 4 {
 		if got := reg.PickHost(); got == hosts[0] || got == nil {
 			t.Fatalf("pick %d after h1 left: got %v, want h2 or h3", i, got)
 		}
 	}
-	reg.Leave(hosts[1])
-	reg.Leave(hosts[2])
+	reg.Leave(hosts[1], Closure{})
+	reg.Leave(hosts[2], Closure{})
 	if got := reg.PickHost(); got != nil {
 		t.Fatalf("PickHost after every host left: got %v, want nil", got)
 	}
@@ -251,7 +252,7 @@ func TestPickHost(t *testing.T) {
 
 func TestRemove(t *testing.T) {
 	var rs removals
-	r := newTestRegistry(Config{OnRemove: rs.record})
+	r := newTestRegistry(Config{Observers: []Observer{rs.observe}})
 	reg := mustCreate(t, r, "gone", HostClient)
 	keep := mustCreate(t, r, "kept", Lobby)
 	h, c1, c2 := newMember("h"), newMember("c1"), newMember("c2")
@@ -261,7 +262,7 @@ func TestRemove(t *testing.T) {
 	k := newMember("k")
 	mustJoin(t, keep, k, RoleMember)
 
-	reg.Remove()
+	reg.Remove(context.Background())
 
 	for _, m := range []*fakeMember{h, c1, c2} {
 		wantCloses(t, m, removedClose)
@@ -272,13 +273,13 @@ func TestRemove(t *testing.T) {
 	if got := reg.PickHost(); got != nil {
 		t.Fatalf("PickHost after Remove: got %v, want nil", got)
 	}
-	if n := reg.Broadcast(c1, RoleClient, Message{Data: []byte("x")}); n != 0 {
+	if n := reg.Deliver(c1, RoleClient, Message{Data: []byte("x")}); n != 0 {
 		t.Fatalf("Broadcast after Remove: got %d receivers, want 0", n)
 	}
 
-	// Idempotent: nobody is closed twice, OnRemove is not called again.
-	reg.Remove()
-	reg.Leave(h)
+	// Idempotent: nobody is closed twice, no second remove event.
+	reg.Remove(context.Background())
+	reg.Leave(h, Closure{})
 	for _, m := range []*fakeMember{h, c1, c2} {
 		wantCloses(t, m, removedClose)
 	}
@@ -313,20 +314,20 @@ func TestStats(t *testing.T) {
 		mustJoin(t, reg, c2, RoleClient)
 
 		time.Sleep(time.Minute)
-		reg.Broadcast(h, RoleHost, Message{Data: []byte("1")})    // 2 out
-		reg.Broadcast(c1, RoleClient, Message{Data: []byte("2")}) // 1 out
-		reg.Broadcast(c2, RoleClient, Message{Data: []byte("3")}) // 1 out
+		reg.Deliver(h, RoleHost, Message{Data: []byte("1")})    // 2 out
+		reg.Deliver(c1, RoleClient, Message{Data: []byte("2")}) // 1 out
+		reg.Deliver(c2, RoleClient, Message{Data: []byte("3")}) // 1 out
 		in, out, last = reg.Stats()
 		if in != 3 || out != 4 || !last.Equal(time.Now()) {
 			t.Fatalf("Stats() after 3 messages: got (%d, %d, %v), want (3, 4, %v)", in, out, last, time.Now())
 		}
 
 		time.Sleep(time.Minute)
-		reg.Leave(c2)
+		reg.Leave(c2, Closure{})
 		if _, _, last := reg.Stats(); !last.Equal(time.Now()) {
 			t.Fatalf("last active after a leave: got %v, want %v", last, time.Now())
 		}
-		reg.Broadcast(c1, RoleClient, Message{Data: []byte("4")}) // 1 out
+		reg.Deliver(c1, RoleClient, Message{Data: []byte("4")}) // 1 out
 		if in, out, _ := reg.Stats(); in != 4 || out != 5 {
 			t.Fatalf("Stats() after 4 messages: got (%d, %d), want (4, 5)", in, out)
 		}
@@ -338,7 +339,7 @@ func TestStats(t *testing.T) {
 // still joined at the removal was closed exactly once.
 func TestConcurrentUse(t *testing.T) {
 	var rs removals
-	r := newTestRegistry(Config{GCGrace: time.Hour, OnRemove: rs.record})
+	r := newTestRegistry(Config{GCGrace: time.Hour, Observers: []Observer{rs.observe}})
 	reg := mustCreate(t, r, "", HostClient)
 	anchor := newMember("anchor")
 	mustJoin(t, reg, anchor, RoleHost)
@@ -363,7 +364,7 @@ func TestConcurrentUse(t *testing.T) {
 					}
 					return
 				}
-				reg.Broadcast(m, role, Message{Data: []byte{byte(j)}})
+				reg.Deliver(m, role, Message{Data: []byte{byte(j)}})
 				reg.PickHost()
 				reg.Counts()
 				reg.Stats()
@@ -373,13 +374,13 @@ func TestConcurrentUse(t *testing.T) {
 					}
 				}
 				if j < 49 {
-					reg.Leave(m)
+					reg.Leave(m, Closure{})
 				}
 			}
 		})
 	}
 	close(start)
-	wg.Go(reg.Remove)
+	wg.Go(func() { reg.Remove(context.Background()) })
 	wg.Wait()
 
 	wantGone(t, r, reg)

@@ -88,9 +88,14 @@ type Config struct {
 	// HashWait is how long a key check waits for a free hash worker before
 	// failing with ErrBusy; 0 means 2 s.
 	HashWait time.Duration
-	// OnRemove, if set, is called (outside any lock) after a registration
-	// is removed, with the cause.
-	OnRemove func(reg *Registration, cause Cause)
+	// Observers receive every registration's lifecycle events (create,
+	// join, leave, remove) outside the registry's locks, in order per
+	// registration.
+	Observers []Observer
+	// Store keeps the registrations' records; nil means a MemoryStore.
+	Store Store
+	// Broker carries members' messages; nil means LocalBroker.
+	Broker Broker
 	// OnKeyCheck, if set, observes each key check that reached a decision:
 	// how it was decided and how long it took, waiting for a worker included.
 	OnKeyCheck func(how KeyCheck, d time.Duration)
@@ -100,10 +105,13 @@ type Config struct {
 type Registry struct {
 	cfg    Config
 	hasher *hasher
+	store  Store
+	broker Broker
 
-	mu     sync.RWMutex
-	regs   map[string]*Registration // guarded by mu
-	closed bool                     // guarded by mu
+	mu       sync.RWMutex
+	regs     map[string]*Registration // guarded by mu
+	reserved map[string]struct{}      // guarded by mu; ids being created (stored, not yet live)
+	closed   bool                     // guarded by mu
 }
 
 // New returns an empty registry.
@@ -117,11 +125,21 @@ func New(cfg Config) *Registry {
 	if cfg.HashWait <= 0 {
 		cfg.HashWait = 2 * time.Second
 	}
-	return &Registry{
-		cfg:    cfg,
-		hasher: newHasher(cfg.BcryptCost, cfg.HashWorkers, cfg.HashWait),
-		regs:   make(map[string]*Registration),
+	r := &Registry{
+		cfg:      cfg,
+		hasher:   newHasher(cfg.BcryptCost, cfg.HashWorkers, cfg.HashWait),
+		store:    cfg.Store,
+		broker:   cfg.Broker,
+		regs:     make(map[string]*Registration),
+		reserved: make(map[string]struct{}),
 	}
+	if r.store == nil {
+		r.store = &MemoryStore{}
+	}
+	if r.broker == nil {
+		r.broker = LocalBroker{}
+	}
+	return r
 }
 
 // NewID returns a fresh registration id: a random UUID as 32 lowercase hex
@@ -137,49 +155,107 @@ func NewID() string {
 	return string(b[:])
 }
 
-// Create hashes the keys and adds a registration. An empty idReq mints a
-// random id. Errors: ErrExists, ErrTooManyRegistrations, ErrBusy, ErrClosed.
-func (r *Registry) Create(ctx context.Context, idReq string, typ Type, key, hostKey string) (*Registration, error) {
-	if err := r.admit(idReq); err != nil {
+// Create hashes the keys and adds a registration, durable in the store
+// before it is visible. An empty spec.ID mints a random id. Errors:
+// ErrExists, ErrTooManyRegistrations, ErrBusy, ErrClosed, or the store's.
+func (r *Registry) Create(ctx context.Context, spec Spec) (*Registration, error) {
+	if err := r.checkCreate(spec.ID); err != nil {
 		return nil, err
 	}
 	// Hash outside every lock: bcrypt takes tens of milliseconds.
-	keyHash, err := r.hasher.hash(ctx, key)
+	keyHash, err := r.hasher.hash(ctx, spec.Key)
 	if err != nil {
 		return nil, err
 	}
-	hostKeyHash, err := r.hasher.hash(ctx, hostKey)
+	hostKeyHash, err := r.hasher.hash(ctx, spec.HostKey)
 	if err != nil {
 		return nil, err
 	}
-
-	reg := &Registration{
-		ID:          idReq,
-		Type:        typ,
+	rec := Record{
+		ID:          spec.ID,
+		Type:        spec.Type,
 		Created:     time.Now(),
-		registry:    r,
-		keyHash:     keyHash,
-		hostKeyHash: hostKeyHash,
-		members:     make(map[Member]Role),
+		KeyHash:     keyHash,
+		HostKeyHash: hostKeyHash,
+		Generation:  newGeneration(),
 	}
-	reg.snap.Store(&emptySnapshot)
-	reg.lastActive.Store(reg.Created.UnixNano())
 
+	// The id is reserved while the store writes, so that no other Create
+	// takes it meanwhile; only then does the registration become visible.
 	r.mu.Lock()
-	if err := r.admitLocked(idReq); err != nil {
+	if err := r.checkCreateLocked(rec.ID); err != nil {
 		r.mu.Unlock()
 		return nil, err
 	}
-	if reg.ID == "" {
+	if rec.ID == "" {
 		for {
-			reg.ID = NewID()
-			if _, taken := r.regs[reg.ID]; !taken {
+			rec.ID = NewID()
+			if !r.takenLocked(rec.ID) {
 				break
 			}
 		}
 	}
-	r.regs[reg.ID] = reg
+	r.reserved[rec.ID] = struct{}{}
 	r.mu.Unlock()
+
+	if err := r.store.Put(ctx, rec); err != nil {
+		r.mu.Lock()
+		delete(r.reserved, rec.ID)
+		r.mu.Unlock()
+		return nil, fmt.Errorf("create %s: %w", rec.ID, err)
+	}
+	reg, err := r.add(rec, true)
+	if err != nil {
+		r.store.Delete(context.WithoutCancel(ctx), rec.Ref())
+		return nil, err
+	}
+	return reg, nil
+}
+
+// Ref names the registration rec describes.
+func (rec Record) Ref() Ref { return Ref{rec.ID, rec.Generation} }
+
+// Restore makes registrations live again from their records (loaded from the
+// store at start), each as if nobody had joined it yet: it is removed after
+// UnusedTTL unless someone joins. Records are not written back. A record
+// whose id is live already is an error (ErrExists) and is skipped; the
+// others are restored.
+func (r *Registry) Restore(recs []Record) error {
+	var errs []error
+	for _, rec := range recs {
+		r.mu.Lock()
+		if r.takenLocked(rec.ID) {
+			r.mu.Unlock()
+			errs = append(errs, fmt.Errorf("restore %s: %w", rec.ID, ErrExists))
+			continue
+		}
+		r.reserved[rec.ID] = struct{}{}
+		r.mu.Unlock()
+		if _, err := r.add(rec, false); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// add makes the registration of rec (whose id the caller reserved) live,
+// tells the observers and arms the unused TTL. fresh says it was just
+// created rather than restored.
+func (r *Registry) add(rec Record, fresh bool) (*Registration, error) {
+	reg := r.newRegistration(rec)
+	r.mu.Lock()
+	delete(r.reserved, rec.ID)
+	if r.closed {
+		r.mu.Unlock()
+		return nil, ErrClosed
+	}
+	r.regs[rec.ID] = reg
+	// Queued before anyone else can see reg, so it is its first event.
+	reg.mu.Lock()
+	reg.eventLocked(Event{Kind: EventCreate})
+	reg.mu.Unlock()
+	r.mu.Unlock()
+	reg.notify()
 
 	if r.cfg.UnusedTTL > 0 {
 		reg.mu.Lock()
@@ -187,7 +263,7 @@ func (r *Registry) Create(ctx context.Context, idReq string, typ Type, key, host
 		// the GC timer) or removed it since r.mu was released. Arming now
 		// would replace that GC timer with one that never fires for a
 		// joined registration, leaving it and its id alive forever.
-		if !reg.joined && !reg.removed {
+		if !reg.joined && !reg.removed && !reg.removing {
 			reg.armTimerLocked(r.cfg.UnusedTTL, CauseUnused)
 		}
 		reg.mu.Unlock()
@@ -195,26 +271,31 @@ func (r *Registry) Create(ctx context.Context, idReq string, typ Type, key, host
 	return reg, nil
 }
 
-// admit is a cheap early check so a doomed Create does not pay for bcrypt.
-func (r *Registry) admit(idReq string) error {
+// checkCreate is a cheap early check so a doomed Create does not pay for
+// bcrypt.
+func (r *Registry) checkCreate(id string) error {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	return r.admitLocked(idReq)
+	return r.checkCreateLocked(id)
 }
 
-func (r *Registry) admitLocked(idReq string) error {
+func (r *Registry) checkCreateLocked(id string) error {
 	if r.closed {
 		return ErrClosed
 	}
-	if idReq != "" {
-		if _, taken := r.regs[idReq]; taken {
-			return fmt.Errorf("create %s: %w", idReq, ErrExists)
-		}
+	if id != "" && r.takenLocked(id) {
+		return fmt.Errorf("create %s: %w", id, ErrExists)
 	}
-	if r.cfg.MaxRegistrations > 0 && len(r.regs) >= r.cfg.MaxRegistrations {
+	if r.cfg.MaxRegistrations > 0 && len(r.regs)+len(r.reserved) >= r.cfg.MaxRegistrations {
 		return ErrTooManyRegistrations
 	}
 	return nil
+}
+
+func (r *Registry) takenLocked(id string) bool {
+	_, live := r.regs[id]
+	_, reserved := r.reserved[id]
+	return live || reserved
 }
 
 // Get returns the live registration named id, or ErrNotFound.
@@ -249,29 +330,27 @@ func (r *Registry) Each(f func(*Registration)) {
 	}
 }
 
-// Close refuses new registrations and joins from now on and removes every
+// Close refuses new registrations and joins from now on and detaches every
 // registration, closing its members with code and reason (1001 when the
-// server shuts down).
+// server shuts down). The store keeps their records.
 func (r *Registry) Close(code int, reason string) {
 	r.mu.Lock()
 	r.closed = true
 	r.mu.Unlock()
 	r.Each(func(reg *Registration) {
-		reg.remove(CauseShutdown, code, reason)
+		reg.shutdown(code, reason)
 	})
 }
 
 // forget deletes reg from the map if it is still the registration under its
-// id: a newer registration reusing the id must never be touched.
-func (r *Registry) forget(reg *Registration, cause Cause) {
+// id (the same generation): a newer registration reusing the id must never
+// be touched.
+func (r *Registry) forget(reg *Registration) {
 	r.mu.Lock()
-	if r.regs[reg.ID] == reg {
+	if cur := r.regs[reg.ID]; cur != nil && cur.Generation == reg.Generation {
 		delete(r.regs, reg.ID)
 	}
 	r.mu.Unlock()
-	if r.cfg.OnRemove != nil {
-		r.cfg.OnRemove(reg, cause)
-	}
 }
 
 func (r *Registry) isClosed() bool {

@@ -153,10 +153,10 @@ func TestCreateWithIDReq(t *testing.T) {
 
 func TestCreateExists(t *testing.T) {
 	var rs removals
-	r := newTestRegistry(Config{OnRemove: rs.record})
+	r := newTestRegistry(Config{Observers: []Observer{rs.observe}})
 	first := mustCreate(t, r, "room", HostClient)
 
-	reg, err := r.Create(context.Background(), "room", Lobby, "other", "other")
+	reg, err := r.Create(context.Background(), Spec{ID: "room", Type: Lobby, Key: "other", HostKey: "other"})
 	if !errors.Is(err, ErrExists) || reg != nil {
 		t.Fatalf("Create of a live id: got (%v, %v), want (nil, ErrExists)", reg, err)
 	}
@@ -166,7 +166,7 @@ func TestCreateExists(t *testing.T) {
 	}
 
 	// Once removed, the id may be taken again, by a new registration.
-	first.Remove()
+	first.Remove(context.Background())
 	second := mustCreate(t, r, "room", Lobby)
 	if second == first {
 		t.Fatalf("re-created registration: got the removed one, want a new one")
@@ -183,20 +183,20 @@ func TestCreateTooManyRegistrations(t *testing.T) {
 	mustCreate(t, r, "b", Lobby)
 
 	for _, idReq := range []string{"", "c"} {
-		reg, err := r.Create(context.Background(), idReq, Lobby, testKey, testHostKey)
+		reg, err := r.Create(context.Background(), Spec{ID: idReq, Type: Lobby, Key: testKey, HostKey: testHostKey})
 		if !errors.Is(err, ErrTooManyRegistrations) || reg != nil {
 			t.Fatalf("Create(%q) at the cap: got (%v, %v), want (nil, ErrTooManyRegistrations)", idReq, reg, err)
 		}
 	}
 	// A taken id is reported as such even at the cap.
-	if _, err := r.Create(context.Background(), "b", Lobby, testKey, testHostKey); !errors.Is(err, ErrExists) {
+	if _, err := r.Create(context.Background(), Spec{ID: "b", Type: Lobby, Key: testKey, HostKey: testHostKey}); !errors.Is(err, ErrExists) {
 		t.Fatalf("Create of a live id at the cap: got %v, want ErrExists", err)
 	}
 	if got := r.Len(); got != 2 {
 		t.Fatalf("Len(): got %d, want 2", got)
 	}
 
-	a.Remove()
+	a.Remove(context.Background())
 	mustCreate(t, r, "c", Lobby)
 	if got := r.Len(); got != 2 {
 		t.Fatalf("Len(): got %d, want 2", got)
@@ -207,7 +207,7 @@ func TestCreateKeyLength(t *testing.T) {
 	r := newTestRegistry(Config{})
 	long := strings.Repeat("k", MaxKeyLen)
 
-	reg, err := r.Create(context.Background(), "", Lobby, long, long)
+	reg, err := r.Create(context.Background(), Spec{ID: "", Type: Lobby, Key: long, HostKey: long})
 	if err != nil {
 		t.Fatalf("Create with %d-byte keys: got %v, want nil", MaxKeyLen, err)
 	}
@@ -224,7 +224,7 @@ func TestCreateKeyLength(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			reg, err := r.Create(context.Background(), "too-long", Lobby, tt.key, tt.hostKey)
+			reg, err := r.Create(context.Background(), Spec{ID: "too-long", Type: Lobby, Key: tt.key, HostKey: tt.hostKey})
 			if !errors.Is(err, bcrypt.ErrPasswordTooLong) || reg != nil {
 				t.Fatalf("Create with a %d-byte %s: got (%v, %v), want (nil, ErrPasswordTooLong)",
 					MaxKeyLen+1, tt.name, reg, err)
@@ -260,7 +260,7 @@ func TestEach(t *testing.T) {
 		got[reg] = true
 		// f may take any lock, even remove the registration.
 		if reg.ID == "a" {
-			reg.Remove()
+			reg.Remove(context.Background())
 		}
 	})
 	if len(got) != len(want) {
@@ -278,7 +278,7 @@ func TestEach(t *testing.T) {
 
 func TestRegistryClose(t *testing.T) {
 	var rs removals
-	r := newTestRegistry(Config{OnRemove: rs.record})
+	r := newTestRegistry(Config{Observers: []Observer{rs.observe}})
 	lobby := mustCreate(t, r, "lobby", Lobby)
 	hc := mustCreate(t, r, "", HostClient)
 	m1, m2 := newMember("m1"), newMember("m2")
@@ -303,16 +303,16 @@ func TestRegistryClose(t *testing.T) {
 	}
 	got := rs.get()
 	if len(got) != 2 {
-		t.Fatalf("OnRemove calls: got %d, want 2", len(got))
+		t.Fatalf("remove events: got %d, want 2", len(got))
 	}
 	for _, rm := range got {
 		if rm.cause != CauseShutdown {
-			t.Fatalf("OnRemove cause for %q: got %v, want %v", rm.reg.ID, rm.cause, CauseShutdown)
+			t.Fatalf("remove cause for %q: got %v, want %v", rm.reg.ID, rm.cause, CauseShutdown)
 		}
 	}
 
 	for _, idReq := range []string{"", "new", "lobby"} {
-		reg, err := r.Create(context.Background(), idReq, Lobby, testKey, testHostKey)
+		reg, err := r.Create(context.Background(), Spec{ID: idReq, Type: Lobby, Key: testKey, HostKey: testHostKey})
 		if !errors.Is(err, ErrClosed) || reg != nil {
 			t.Fatalf("Create(%q) after Close: got (%v, %v), want (nil, ErrClosed)", idReq, reg, err)
 		}
@@ -323,12 +323,12 @@ func TestRegistryClose(t *testing.T) {
 
 	// Closing again and late leaves change nothing.
 	r.Close(1001, "server shutting down")
-	lobby.Leave(m1)
-	hc.Leave(h)
+	lobby.Leave(m1, Closure{})
+	hc.Leave(h, Closure{})
 	for _, m := range []*fakeMember{m1, m2, h, c} {
 		wantCloses(t, m, shutdown)
 	}
 	if got := len(rs.get()); got != 2 {
-		t.Fatalf("OnRemove calls after a second Close: got %d, want 2", got)
+		t.Fatalf("remove events after a second Close: got %d, want 2", got)
 	}
 }

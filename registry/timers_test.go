@@ -1,6 +1,7 @@
 package registry
 
 import (
+	"context"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -14,19 +15,19 @@ const grace = 30 * time.Second
 func TestGCAfterGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, Observers: []Observer{rs.observe}})
 		reg := mustCreate(t, r, "", Lobby)
 		a, b := newMember("a"), newMember("b")
 		mustJoin(t, reg, a, RoleMember)
 		mustJoin(t, reg, b, RoleMember)
 
 		// While a member remains, no timer runs.
-		reg.Leave(a)
+		reg.Leave(a, Closure{})
 		time.Sleep(10 * grace)
 		synctest.Wait()
 		wantLive(t, r, reg)
 
-		reg.Leave(b)
+		reg.Leave(b, Closure{})
 		time.Sleep(grace - time.Nanosecond)
 		synctest.Wait()
 		wantLive(t, r, reg)
@@ -45,12 +46,12 @@ func TestGCAfterGrace(t *testing.T) {
 func TestGCRejoinWithinGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, Observers: []Observer{rs.observe}})
 		reg := mustCreate(t, r, "", HostClient)
 		h := newMember("h")
 		mustJoin(t, reg, h, RoleHost)
 
-		reg.Leave(h)
+		reg.Leave(h, Closure{})
 		time.Sleep(grace - time.Second)
 		synctest.Wait()
 		wantLive(t, r, reg)
@@ -66,7 +67,7 @@ func TestGCRejoinWithinGrace(t *testing.T) {
 		wantCloses(t, h2)
 
 		// A new last leave starts a full grace of its own.
-		reg.Leave(h2)
+		reg.Leave(h2, Closure{})
 		time.Sleep(grace - time.Second)
 		synctest.Wait()
 		wantLive(t, r, reg)
@@ -80,38 +81,38 @@ func TestGCRejoinWithinGrace(t *testing.T) {
 func TestGCGraceZero(t *testing.T) {
 	// No bubble needed: with no grace, removal happens inside Leave.
 	var rs removals
-	r := newTestRegistry(Config{OnRemove: rs.record})
+	r := newTestRegistry(Config{Observers: []Observer{rs.observe}})
 	reg := mustCreate(t, r, "", HostClient)
 	h, c := newMember("h"), newMember("c")
 	mustJoin(t, reg, h, RoleHost)
 	mustJoin(t, reg, c, RoleClient)
 
-	reg.Leave(h)
+	reg.Leave(h, Closure{})
 	wantLive(t, r, reg)
 	wantRemovals(t, &rs)
 
-	reg.Leave(c)
+	reg.Leave(c, Closure{})
 	wantGone(t, r, reg)
 	wantRemovals(t, &rs, removal{reg, CauseGC})
 	wantCloses(t, h)
 	wantCloses(t, c)
 
 	// A second leave of the same member changes nothing.
-	reg.Leave(c)
+	reg.Leave(c, Closure{})
 	wantRemovals(t, &rs, removal{reg, CauseGC})
 }
 
 func TestRemoveDuringGrace(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, Observers: []Observer{rs.observe}})
 		reg := mustCreate(t, r, "", Lobby)
 		m := newMember("m")
 		mustJoin(t, reg, m, RoleMember)
-		reg.Leave(m)
+		reg.Leave(m, Closure{})
 
 		time.Sleep(grace / 3)
-		reg.Remove()
+		reg.Remove(context.Background())
 		wantGone(t, r, reg)
 		wantRemovals(t, &rs, removal{reg, CauseAdmin})
 
@@ -126,7 +127,7 @@ func TestUnusedTTL(t *testing.T) {
 	const ttl = 10 * time.Minute
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: ttl, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: ttl, Observers: []Observer{rs.observe}})
 		never := mustCreate(t, r, "never", Lobby)
 		stays := mustCreate(t, r, "stays", HostClient)
 		left := mustCreate(t, r, "left", HostClient)
@@ -139,7 +140,7 @@ func TestUnusedTTL(t *testing.T) {
 		m := newMember("m")
 		mustJoin(t, left, m, RoleClient)
 		time.Sleep(grace / 2)
-		left.Leave(m)
+		left.Leave(m, Closure{})
 
 		time.Sleep(2*grace - grace/2 - time.Nanosecond) // just short of the TTL
 		synctest.Wait()
@@ -165,11 +166,11 @@ func TestUnusedTTLJoinedThenLeftAfterTTL(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const ttl = time.Minute
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: time.Hour, UnusedTTL: ttl, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: time.Hour, UnusedTTL: ttl, Observers: []Observer{rs.observe}})
 		reg := mustCreate(t, r, "", Lobby)
 		m := newMember("m")
 		mustJoin(t, reg, m, RoleMember)
-		reg.Leave(m)
+		reg.Leave(m, Closure{})
 
 		// Joined once, so the TTL no longer applies, however long the grace.
 		time.Sleep(ttl)
@@ -186,7 +187,7 @@ func TestUnusedTTLJoinedThenLeftAfterTTL(t *testing.T) {
 func TestNoTimersKeepForever(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{OnRemove: rs.record})
+		r := newTestRegistry(Config{Observers: []Observer{rs.observe}})
 		reg := mustCreate(t, r, "", Lobby)
 		time.Sleep(365 * 24 * time.Hour)
 		synctest.Wait()
@@ -201,13 +202,13 @@ func TestIDReuse(t *testing.T) {
 	const ttl = 10 * time.Minute
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: ttl, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: ttl, Observers: []Observer{rs.observe}})
 
 		old := mustCreate(t, r, "x", HostClient)
 		oldHost, oldClient := newMember("old-host"), newMember("old-client")
 		mustJoin(t, old, oldHost, RoleHost)
 		mustJoin(t, old, oldClient, RoleClient)
-		old.Remove()
+		old.Remove(context.Background())
 		wantCloses(t, oldHost, removedClose)
 		wantCloses(t, oldClient, removedClose)
 
@@ -220,9 +221,9 @@ func TestIDReuse(t *testing.T) {
 
 		// The old connections' deferred leaves arrive late, and someone
 		// removes the old registration again.
-		old.Leave(oldHost)
-		old.Leave(oldClient)
-		old.Remove()
+		old.Leave(oldHost, Closure{})
+		old.Leave(oldClient, Closure{})
+		old.Remove(context.Background())
 
 		wantLive(t, r, cur)
 		wantCounts(t, cur, 1, 0, 0)
@@ -241,7 +242,7 @@ func TestIDReuse(t *testing.T) {
 		wantRemovals(t, &rs, removal{old, CauseAdmin})
 
 		// The new one still lives by its own rules.
-		cur.Leave(host)
+		cur.Leave(host, Closure{})
 		time.Sleep(grace)
 		synctest.Wait()
 		wantGone(t, r, cur)
@@ -255,20 +256,20 @@ func TestIDReuseAfterGC(t *testing.T) {
 	const ttl = 10 * time.Minute
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: ttl, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: ttl, Observers: []Observer{rs.observe}})
 
 		old := mustCreate(t, r, "y", Lobby)
 		m := newMember("m")
 		mustJoin(t, old, m, RoleMember)
-		old.Leave(m)
+		old.Leave(m, Closure{})
 		time.Sleep(grace)
 		synctest.Wait()
 		wantGone(t, r, old)
 
 		time.Sleep(time.Minute)
 		cur := mustCreate(t, r, "y", Lobby)
-		old.Leave(m)
-		old.Remove()
+		old.Leave(m, Closure{})
+		old.Remove(context.Background())
 		wantRemovals(t, &rs, removal{old, CauseGC})
 
 		time.Sleep(ttl - time.Nanosecond)
@@ -289,7 +290,7 @@ func TestIDReuseAfterGC(t *testing.T) {
 func TestStaleTimerCallback(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		var rs removals
-		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: time.Hour, OnRemove: rs.record})
+		r := newTestRegistry(Config{GCGrace: grace, UnusedTTL: time.Hour, Observers: []Observer{rs.observe}})
 
 		unused := mustCreate(t, r, "", Lobby)
 		unused.mu.Lock()
@@ -299,12 +300,12 @@ func TestStaleTimerCallback(t *testing.T) {
 		reg := mustCreate(t, r, "", Lobby)
 		m := newMember("m")
 		mustJoin(t, reg, m, RoleMember)
-		reg.Leave(m)
+		reg.Leave(m, Closure{})
 		reg.mu.Lock()
 		gcEpoch := reg.timerEpoch
 		reg.mu.Unlock()
 		mustJoin(t, reg, m, RoleMember) // stops the GC timer
-		reg.Leave(m)                    // arms a new one
+		reg.Leave(m, Closure{})         // arms a new one
 
 		reg.expire(gcEpoch, CauseGC)
 		wantLive(t, r, reg)
@@ -328,10 +329,10 @@ func TestStaleTimerCallback(t *testing.T) {
 		old.mu.Lock()
 		oldEpoch := old.timerEpoch
 		old.mu.Unlock()
-		old.Remove()
+		old.Remove(context.Background())
 		newer := mustCreate(t, r, "z", Lobby)
 		old.expire(oldEpoch, CauseUnused)
-		r.forget(old, CauseGC) // even forget itself leaves the newer one
+		r.forget(old) // even forget itself leaves the newer one
 		wantLive(t, r, newer)
 
 		time.Sleep(grace)

@@ -119,6 +119,9 @@ func (c *conn) onPing(context.Context, []byte) bool { return c.allowFrame() }
 // onPong counts an (unsolicited, perhaps) pong against the frame rate.
 func (c *conn) onPong(context.Context, []byte) { c.allowFrame() }
 
+// ID implements registry.Member: the connection id.
+func (c *conn) ID() string { return c.id }
+
 // Send implements registry.Member. It never blocks.
 func (c *conn) Send(msg registry.Message) {
 	ok, start := c.queue.push(msg)
@@ -168,9 +171,9 @@ func (c *conn) isGone() bool {
 	}
 }
 
-// serve runs the connection until it ends. The context derives from the
-// router's base context, never from the request's.
-func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
+// serve runs the connection until it ends and says how it ended. The
+// context derives from the router's base context, never from the request's.
+func (c *conn) serve(ws *websocket.Conn, wc *wireConn) registry.Closure {
 	ctx, cancel := context.WithCancel(c.rt.baseCtx)
 	defer cancel()
 	c.ctx, c.ws, c.wc = ctx, ws, wc
@@ -203,6 +206,25 @@ func (c *conn) serve(ws *websocket.Conn, wc *wireConn) {
 		c.rt.relay.hostLeft(c)
 	}
 	c.log.Debug("left", "why", closeDescription(err))
+	return c.closure(err)
+}
+
+// closure says how the connection ended: the close the server decided
+// (counted once, SPEC §4), else the peer's close frame, else 1006 (no close
+// frame: the network, a ping timeout, a failed write).
+func (c *conn) closure(err error) registry.Closure {
+	if c.closing.Load() && c.closeCode > 0 {
+		// closeCode was written before closing was set, by Close.
+		return registry.Closure{Code: c.closeCode, Reason: c.closeReason}
+	}
+	if errors.Is(err, websocket.ErrMessageTooBig) {
+		return registry.Closure{Code: codeTooBig, Reason: "message too big"}
+	}
+	var ce websocket.CloseError
+	if errors.As(err, &ce) {
+		return registry.Closure{Code: int(ce.Code), Reason: ce.Reason}
+	}
+	return registry.Closure{Code: 1006}
 }
 
 // readLoop reads messages and fans them out until the connection fails or
@@ -237,7 +259,7 @@ func (c *conn) readLoop(ctx context.Context) error {
 		if c.role == registry.RoleHost && !msg.Binary && c.rt.relay.hostFrame(c.reg, data) {
 			continue // a relay reply goes to its caller only
 		}
-		n := c.reg.Broadcast(c, c.role, msg)
+		n := c.reg.Publish(c, c.role, msg)
 		c.rt.metrics.messagesOut(msg, n)
 	}
 }

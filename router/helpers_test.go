@@ -46,7 +46,11 @@ func newTestServer(t testing.TB, cfg Config) *testServer {
 	}
 	// Hooks never block the server: a test that cares reads promptly, and
 	// one that does not (thousands of requests) must not wedge it.
-	cfg.Registry.OnRemove = func(_ *registry.Registration, c registry.Cause) { offer(ts.removed, c) }
+	cfg.Registry.Observers = append(cfg.Registry.Observers, func(ev registry.Event) {
+		if ev.Kind == registry.EventRemove {
+			offer(ts.removed, ev.Cause)
+		}
+	})
 	cfg.Registry.OnKeyCheck = func(how registry.KeyCheck, _ time.Duration) { offer(ts.checks, how) }
 	ts.rt = New(cfg, nil)
 	ts.rt.onClose = func(code int) { offer(ts.closes, code) }

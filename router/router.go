@@ -80,8 +80,8 @@ type Config struct {
 	// AdminToken enables /stats for requests bearing it; empty means no
 	// /stats.
 	AdminToken string
-	// Registry configures the router's registry. Its OnRemove and
-	// OnKeyCheck hooks are called after the router's own metrics hooks.
+	// Registry configures the router's registry. Its Observers and
+	// OnKeyCheck hook are called after the router's own.
 	Registry registry.Config
 }
 
@@ -163,17 +163,10 @@ func New(cfg Config, log *slog.Logger) *Router {
 	rt.relay = &relay{rt: rt, now: time.Now}
 	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry
-	onRemove, onKeyCheck := regCfg.OnRemove, regCfg.OnKeyCheck
-	regCfg.OnRemove = func(r *registry.Registration, c registry.Cause) {
-		m.removedBy(c)
-		if c != registry.CauseShutdown {
-			log.Info("removed", "reg", r.ID, "cause", c.String())
-		}
-		rt.relay.removed(r, c)
-		if onRemove != nil {
-			onRemove(r, c)
-		}
-	}
+	// The router observes the registry's lifecycle first (metrics, logs,
+	// the relay), then whoever configured observers of their own.
+	regCfg.Observers = append([]registry.Observer{rt.observe}, regCfg.Observers...)
+	onKeyCheck := regCfg.OnKeyCheck
 	regCfg.OnKeyCheck = func(how registry.KeyCheck, d time.Duration) {
 		m.keyChecked(how, d)
 		if onKeyCheck != nil {
@@ -279,12 +272,10 @@ func (rt *Router) register(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	reg, err := rt.reg.Create(r.Context(), idReq, typ, key, hostKey)
+	reg, err := rt.reg.Create(r.Context(), registry.Spec{ID: idReq, Type: typ, Key: key, HostKey: hostKey})
 	if err != nil {
 		return err
 	}
-	rt.metrics.registered(typ)
-	rt.log.Info("registered", "reg", reg.ID, "type", typ.String())
 
 	if acceptsJSON(r) {
 		w.Header().Set("Content-Type", "application/json")
@@ -352,8 +343,7 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	reg.Remove()
-	return nil
+	return reg.Remove(r.Context())
 }
 
 func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
@@ -382,7 +372,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		// Accept has answered the request.
 		rt.logs.info("upgrade", "upgrade failed", "reg", c.reg.ID, "client", rt.limits.clientIP(r), "err", err)
-		c.reg.Leave(c)
+		c.reg.Leave(c, registry.Closure{Code: 1006})
 		close(c.gone)
 		if c.role == registry.RoleHost {
 			rt.relay.hostLeft(c) // a relay may have picked it meanwhile
@@ -397,8 +387,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	// member would otherwise cost.
 	go func() {
 		defer rt.conns.Done()
-		defer c.reg.Leave(c)
-		c.serve(ws, cw.wc)
+		c.reg.Leave(c, c.serve(ws, cw.wc))
 	}()
 }
 
@@ -546,6 +535,21 @@ func (rt *Router) refuse(w http.ResponseWriter, endpoint string, err error) {
 	code, _ := status(err)
 	rt.metrics.refused(endpoint, code)
 	writeError(w, err)
+}
+
+// observe is the router's registry observer: metrics, logs, the relay.
+func (rt *Router) observe(ev registry.Event) {
+	switch ev.Kind {
+	case registry.EventCreate:
+		rt.metrics.registered(ev.Reg.Type)
+		rt.log.Info("registered", "reg", ev.Reg.ID, "type", ev.Reg.Type.String())
+	case registry.EventRemove:
+		rt.metrics.removedBy(ev.Cause)
+		if ev.Cause != registry.CauseShutdown {
+			rt.log.Info("removed", "reg", ev.Reg.ID, "cause", ev.Cause.String())
+		}
+		rt.relay.removed(ev.Reg, ev.Cause)
+	}
 }
 
 // Config returns the router's configuration with every default filled in.
