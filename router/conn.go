@@ -339,7 +339,7 @@ func (c *conn) writeLoop() {
 			}
 			c.wc.Close()
 			// Keep the writer's turn: the queue stays marked as
-			// draining, so no new writer starts on a dead socket.
+			// writing, so no new writer starts on a dead socket.
 			return
 		}
 		batch = msgs

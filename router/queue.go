@@ -35,7 +35,7 @@ type sendQueue struct {
 	msgs     []registry.Message // guarded by mu
 	bytes    int                // guarded by mu
 	open     bool               // guarded by mu; writers may run (the socket is up)
-	draining bool               // guarded by mu; a writer is running (or parked)
+	writing  bool               // guarded by mu; a writer is running (or parked)
 	parked   bool               // guarded by mu; the writer waits on wake
 	closeReq bool               // guarded by mu; a close frame is to be sent
 	// Relay request frames wait apart from messages, on a budget of their
@@ -99,11 +99,11 @@ func (q *sendQueue) startLocked() bool {
 	if !q.open || (len(q.msgs) == 0 && len(q.relay) == 0 && !q.closeReq) {
 		return false
 	}
-	if q.draining {
+	if q.writing {
 		q.wakeLocked()
 		return false
 	}
-	q.draining = true
+	q.writing = true
 	q.writers.Add(1)
 	return true
 }
@@ -184,7 +184,7 @@ func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, writerSt
 	case !q.open:
 		return nil, stepExit
 	case q.closeReq:
-		// draining stays set, so no other writer starts after this one.
+		// writing stays set, so no other writer starts after this one.
 		return nil, stepClose
 	case len(q.msgs) == 0 && len(q.relay) == 0:
 		q.parked = true
@@ -210,7 +210,7 @@ func (q *sendQueue) retire() bool {
 		return false
 	}
 	q.parked = false
-	q.draining = false
+	q.writing = false
 	return true
 }
 

@@ -331,17 +331,16 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 		return nil, paramError("parameter key given more than once")
 	}
 	query.Del("key")
-	cred := &params{r: r, vals: map[string][]string{"key": keys}}
-	key, err := cred.key("key", "X-Key")
+	cred, err := readCredentials(&params{r: r, vals: map[string][]string{"key": keys}}, needKey)
 	if err != nil {
 		return nil, err
 	}
-	reg, err := rt.reg.Get(id)
+	reg, err := rt.registry.Get(id)
 	if err != nil {
 		return nil, err
 	}
 	// The key first: without it, not even the registration's type is told.
-	if err := rt.checkKey(r, "relay", reg, key); err != nil {
+	if err := rt.auth.member(r, "relay", reg, cred); err != nil {
 		return nil, err
 	}
 	if reg.Type != registry.HostClient {

@@ -526,7 +526,7 @@ func TestGarbageCollection(t *testing.T) {
 		// Rejoining works: the registration outlives its last member.
 		b := ts.dial(t, id, "")
 		b.Close(websocket.StatusNormalClosure, "")
-		if _, err := ts.rt.reg.Get(id); err != nil {
+		if _, err := ts.rt.registry.Get(id); err != nil {
 			t.Fatalf("got %v, want the registration kept", err)
 		}
 	})
@@ -565,7 +565,7 @@ func TestIDReuseIsolation(t *testing.T) {
 	closeStatus(t, old)
 	write(t, a, "new room")
 	expectNext(t, b, "new room")
-	if _, err := ts.rt.reg.Get(id); err != nil {
+	if _, err := ts.rt.registry.Get(id); err != nil {
 		t.Fatalf("new registration: %v", err)
 	}
 	_, _, members := mustGet(t, ts, id).Counts()
@@ -576,7 +576,7 @@ func TestIDReuseIsolation(t *testing.T) {
 
 func mustGet(t *testing.T, ts *testServer, id string) *registry.Registration {
 	t.Helper()
-	reg, err := ts.rt.reg.Get(id)
+	reg, err := ts.rt.registry.Get(id)
 	if err != nil {
 		t.Fatal(err)
 	}

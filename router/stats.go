@@ -1,11 +1,9 @@
 package router
 
 import (
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"net/http"
-	"strings"
 	"time"
 
 	"wsrouter/registry"
@@ -36,33 +34,10 @@ type regStats struct {
 	MessagesOut uint64         `json:"messages_out"`
 }
 
-// errUnauthorized is a missing or wrong admin bearer: 401.
-var errUnauthorized = errors.New("unauthorized")
-
-// checkAdmin checks r's admin bearer (the scheme in any case, RFC 9110
-// §11.1). A wrong token is a failed key check: it takes a failed-key token,
-// and an address with none left gets 429 whatever it presents. A missing
-// one takes nothing.
-func (rt *Router) checkAdmin(r *http.Request, endpoint string) error {
-	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
-	if !strings.EqualFold(scheme, "Bearer") || token == "" {
-		return errUnauthorized
-	}
-	g := rt.keyGuard(r, endpoint)
-	if err := g.lockout(); err != nil {
-		return err
-	}
-	if subtle.ConstantTimeCompare([]byte(strings.TrimSpace(token)), []byte(rt.cfg.AdminToken)) != 1 {
-		g.failed("", 1)
-		return errUnauthorized
-	}
-	return nil
-}
-
 // serveStats answers /stats for the admin token's bearer only (SPEC §8).
 // Without an admin token the route does not exist (404).
 func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
-	if err := rt.checkAdmin(r, "stats"); err != nil {
+	if err := rt.auth.admin(r, "stats", readBearer(r)); err != nil {
 		if !errors.Is(err, errUnauthorized) {
 			rt.refuse(w, "stats", err)
 			return
@@ -79,7 +54,7 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 		},
 		Registrations: []regStats{},
 	}
-	rt.reg.Each(func(reg *registry.Registration) {
+	rt.registry.Each(func(reg *registry.Registration) {
 		hosts, clients, members := reg.Counts()
 		in, out, last := reg.Stats()
 		rs := regStats{
