@@ -176,6 +176,12 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	if rc.MaxMessage <= 0 {
 		return nil, fmt.Errorf("-max-message %d: want a positive size", rc.MaxMessage)
 	}
+	if body := max(rc.RelayMaxBody, 0); rc.RelayMaxMemory != 0 && rc.RelayMaxMemory < 4*max(body, 1) {
+		// A relayed request holds its body and then its frame: below four
+		// bodies' worth, a client could not have one large request
+		// pending while sending the next.
+		return nil, fmt.Errorf("-relay-max-memory %d: want 0 (the default) or at least 4 × -relay-max-body", rc.RelayMaxMemory)
+	}
 	if o.drainDelay < 0 {
 		return nil, fmt.Errorf("-drain-delay %v: want 0 or more", o.drainDelay)
 	}

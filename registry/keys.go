@@ -9,6 +9,7 @@ import (
 	"hash"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -37,6 +38,8 @@ type hasher struct {
 	cost int
 	sem  chan struct{}
 	wait time.Duration
+
+	compares atomic.Uint64 // bcrypt comparisons run, for tests
 }
 
 func newHasher(cost, workers int, wait time.Duration) *hasher {
@@ -73,6 +76,7 @@ func (h *hasher) compare(ctx context.Context, hash []byte, key string) error {
 		return err
 	}
 	defer func() { <-h.sem }()
+	h.compares.Add(1)
 	err := bcrypt.CompareHashAndPassword(hash, []byte(key))
 	if errors.Is(err, bcrypt.ErrMismatchedHashAndPassword) {
 		return ErrForbidden
@@ -229,31 +233,38 @@ func (reg *Registration) await(ctx context.Context, f *flight, key string, host 
 // CheckKeys verifies both keys for an administrative request (/remove) with
 // the same work whichever is wrong: two bcrypt comparisons every time,
 // remembered keys not consulted, and nothing remembered, so neither the
-// time taken nor a later request tells which key was wrong. gate admits it
-// as one check; end is told of a failure if either key was wrong. It
-// returns ErrForbidden wrapped with the number of wrong keys in wrong.
+// time taken nor a later request tells which key was wrong. It passes gate
+// once for each key (each may fail, so each needs room) and tells each end
+// whether its key was wrong. It returns the number of wrong keys, and
+// ErrForbidden wrapped when there is one.
 func (reg *Registration) CheckKeys(ctx context.Context, key, hostKey string, gate Gate) (wrong int, err error) {
-	var end func(failed bool)
+	ends := [2]func(bool){func(bool) {}, func(bool) {}}
 	if gate != nil {
-		if end, err = gate(); err != nil {
-			return 0, err
+		for i := range ends {
+			if ends[i], err = gate(); err != nil {
+				if i > 0 {
+					ends[0](false)
+				}
+				return 0, err
+			}
 		}
 	}
 	start := time.Now()
-	errKey := reg.registry.hasher.compare(ctx, reg.KeyHash, key)
-	errHost := reg.registry.hasher.compare(ctx, reg.HostKeyHash, hostKey)
-	for _, e := range []error{errKey, errHost} {
-		if errors.Is(e, ErrForbidden) {
+	errs := [2]error{
+		reg.registry.hasher.compare(ctx, reg.KeyHash, key),
+		reg.registry.hasher.compare(ctx, reg.HostKeyHash, hostKey),
+	}
+	for i, e := range errs {
+		bad := errors.Is(e, ErrForbidden)
+		if bad {
 			wrong++
 		}
+		ends[i](bad)
 	}
-	if end != nil {
-		end(wrong > 0)
-	}
-	if observe := reg.registry.cfg.OnKeyCheck; observe != nil && decided(errKey) && decided(errHost) {
+	if observe := reg.registry.cfg.OnKeyCheck; observe != nil && decided(errs[0]) && decided(errs[1]) {
 		observe(KeyBcrypt, time.Since(start))
 	}
-	if err := errors.Join(errKey, errHost); err != nil {
+	if err := errors.Join(errs[0], errs[1]); err != nil {
 		return wrong, fmt.Errorf("check keys for %s: %w", reg.ID, err)
 	}
 	return 0, nil

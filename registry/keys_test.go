@@ -341,7 +341,11 @@ func TestCheckKeysSameWork(t *testing.T) {
 		{"host key wrong", testKey, "y", 1},
 		{"both right", testKey, testHostKey, 0},
 	} {
+		before := r.hasher.compares.Load()
 		wrong, err := reg.CheckKeys(ctx, tt.key, tt.hostKey, nil)
+		if n := r.hasher.compares.Load() - before; n != 2 {
+			t.Errorf("%s: %d bcrypt comparisons, want 2 whichever key is wrong", tt.name, n)
+		}
 		if wrong != tt.wantWrong || (tt.wantWrong > 0) != errors.Is(err, ErrForbidden) {
 			t.Errorf("%s: got %d wrong, %v; want %d wrong", tt.name, wrong, err, tt.wantWrong)
 		}

@@ -90,7 +90,7 @@ func (a authenticator) owner(r *http.Request, endpoint string, reg *registry.Reg
 	}
 	wrong, err := reg.CheckKeys(r.Context(), cred.key, cred.hostKey, g.gate)
 	if wrong > 0 {
-		g.failed(reg.ID, wrong-1)
+		g.failed(reg.ID, 0) // each key's gate charged its own failure
 	}
 	return err
 }
@@ -106,8 +106,16 @@ func (a authenticator) admin(r *http.Request, endpoint, bearer string) error {
 	if err := g.lockout(); err != nil {
 		return err
 	}
-	if subtle.ConstantTimeCompare([]byte(bearer), []byte(a.rt.cfg.AdminToken)) != 1 {
-		g.failed("", 1)
+	// Through the gate like a key check, so that parallel guesses cannot
+	// all pass on the last token.
+	end, err := g.gate()
+	if err != nil {
+		return err
+	}
+	wrong := subtle.ConstantTimeCompare([]byte(bearer), []byte(a.rt.cfg.AdminToken)) != 1
+	end(wrong)
+	if wrong {
+		g.failed("", 0)
 		return errUnauthorized
 	}
 	return nil

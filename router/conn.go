@@ -305,9 +305,18 @@ const writerLinger = time.Second
 func (c *conn) writeLoop() {
 	defer c.queue.writerDone()
 	var batch []registry.Message
+	var relays []*relayFrame
+	// Frames taken but not written when the writer stops are let go.
+	defer func() {
+		for _, f := range relays {
+			f.done()
+		}
+	}()
 	var linger *time.Timer
 	for {
-		msgs, step := c.queue.next(batch)
+		var msgs []registry.Message
+		var step writerStep
+		msgs, relays, step = c.queue.next(batch)
 		switch step {
 		case stepExit:
 			return
@@ -330,7 +339,12 @@ func (c *conn) writeLoop() {
 			}
 			continue
 		}
-		if err := c.writeBatch(msgs); err != nil {
+		err := c.writeBatch(msgs)
+		if err == nil {
+			err = c.writeRelays(relays) // lets every frame go
+			relays = nil
+		}
+		if err != nil {
 			c.log.Debug("write failed", "err", err)
 			// A member already being closed (a slow consumer whose
 			// stalled write timed out) was counted by its close code.
@@ -382,6 +396,29 @@ func (c *conn) writeBatch(batch []registry.Message) error {
 		}
 	}
 	return c.wc.uncork(wt)
+}
+
+// writeRelays writes relay request frames, each on its own under the write
+// timeout, skipping those whose request ended meanwhile (nobody would read
+// the answer), and lets each go once written or skipped.
+func (c *conn) writeRelays(frames []*relayFrame) error {
+	for i, f := range frames {
+		if f.ended.Load() {
+			f.done()
+			continue
+		}
+		c.wc.SetWriteDeadline(time.Now().Add(c.rt.cfg.WriteTimeout))
+		err := c.ws.Write(context.Background(), websocket.MessageText, f.data)
+		c.wc.SetWriteDeadline(time.Time{})
+		f.done()
+		if err != nil {
+			for _, g := range frames[i+1:] {
+				g.done()
+			}
+			return err
+		}
+	}
+	return nil
 }
 
 // closeHandshake sends the requested close frame and waits for the peer's,

@@ -83,7 +83,9 @@ func (l *ipLimiter) entryLocked(ip string, now time.Time) *limiterEntry {
 
 func (l *ipLimiter) sweepLocked(now time.Time) {
 	for k, e := range l.entries {
-		if e.inflight == 0 && now.Sub(e.last) >= l.idle {
+		// A bucket in debt (the failed-key one goes below zero) is not
+		// full again after idle: only a full one is like a new one.
+		if e.inflight == 0 && now.Sub(e.last) >= l.idle && e.lim.TokensAt(now) >= float64(l.burst) {
 			delete(l.entries, k)
 		}
 	}
@@ -146,6 +148,14 @@ func (l *ipLimiter) waitLocked(e *limiterEntry, now time.Time, inflight int) tim
 		return 0
 	}
 	return time.Duration(short / float64(l.limit) * float64(time.Second))
+}
+
+// tokens returns the tokens ip has now (for tests).
+func (l *ipLimiter) tokens(ip string) float64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	return l.entryLocked(ip, now).lim.TokensAt(now)
 }
 
 // begin admits a key check from ip that is about to run bcrypt, holding one

@@ -3,6 +3,7 @@ package router
 import (
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"wsrouter/registry"
 )
@@ -54,7 +55,20 @@ func newSendQueue(max int, relayMax int64) *sendQueue {
 // relayFrame is a relay request frame queued to a device.
 type relayFrame struct {
 	data   []byte
-	queued bool // guarded by the queue's mu
+	queued bool        // guarded by the queue's mu
+	ended  atomic.Bool // its request has ended: never write it
+	once   sync.Once
+	// release gives the frame's bytes back to the relay's memory budget;
+	// done calls it once, when nobody holds the frame any more.
+	release func()
+}
+
+func (f *relayFrame) done() {
+	f.once.Do(func() {
+		if f.release != nil {
+			f.release()
+		}
+	})
 }
 
 // pushRelay queues a relay frame unless the relay budget is spent (an empty
@@ -81,6 +95,7 @@ func (q *sendQueue) dropRelay(f *relayFrame) {
 		return
 	}
 	f.queued = false
+	defer f.done()
 	q.relayBytes -= int64(len(f.data))
 	for i, g := range q.relay {
 		if g == f {
@@ -170,8 +185,10 @@ const (
 
 // next is the writer's step: a close request first, then every queued
 // message at once (spare, emptied by the caller, becomes the new backing
-// array so a busy connection does not allocate per batch), else park.
-func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, writerStep) {
+// array so a busy connection does not allocate per batch) and every queued
+// relay frame, else park. The writer owns the frames it takes: it writes
+// each whose request has not ended, and calls done on every one.
+func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, []*relayFrame, writerStep) {
 	if cap(spare) > maxKeptBatch {
 		// A burst's backing array goes: an idle connection must not keep
 		// the capacity of its largest past batch.
@@ -182,23 +199,22 @@ func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, writerSt
 	defer q.mu.Unlock()
 	switch {
 	case !q.open:
-		return nil, stepExit
+		return nil, nil, stepExit
 	case q.closeReq:
 		// writing stays set, so no other writer starts after this one.
-		return nil, stepClose
+		return nil, nil, stepClose
 	case len(q.msgs) == 0 && len(q.relay) == 0:
 		q.parked = true
-		return nil, stepPark
+		return nil, nil, stepPark
 	}
-	msgs := q.msgs
-	for _, f := range q.relay {
+	msgs, relays := q.msgs, q.relay
+	for _, f := range relays {
 		f.queued = false
-		msgs = append(msgs, registry.Message{Data: f.data})
 	}
 	q.relay, q.relayBytes = nil, 0
 	q.msgs = spare[:0]
 	q.bytes = 0
-	return msgs, stepWrite
+	return msgs, relays, stepWrite
 }
 
 // retire ends a parked writer's turn when its linger ran out, unless work

@@ -51,10 +51,10 @@ type relay struct {
 	rt  *Router
 	now func() time.Time // time.Now; tests set a fake clock
 
-	// mem counts the bytes of relayed requests held in memory (bodies and
-	// frames) against -relay-max-memory; lingering counts the finished
-	// rids remembered by all rooms against maxLingeringTotal.
-	mem       atomic.Int64
+	// mem counts the bytes of relayed requests held in memory against
+	// -relay-max-memory; lingering counts the finished rids remembered by
+	// all rooms against maxLingeringTotal.
+	mem       *relayMemory
 	lingering atomic.Int64
 
 	// rooms holds the relay state of each registration that has had a
@@ -134,7 +134,7 @@ func (room *relayRoom) add(id rid, p *pendingRelay, max int, now time.Time) erro
 	// Room for this request's rid to linger once it ends: nothing is
 	// forgotten early.
 	if len(room.lingering)+len(room.pending) >= maxLingering ||
-		room.rl.lingering.Load()+int64(len(room.pending)) >= maxLingeringTotal {
+		room.rl.lingering.Load() >= maxLingeringTotal {
 		return errRelayRecent
 	}
 	room.pending[id] = p
@@ -220,6 +220,20 @@ func (room *relayRoom) close(err error) {
 	room.order, room.lingering = nil, nil
 }
 
+// sweep forgets, in every room, the rids that finished relayLinger ago: a
+// room is otherwise swept only when it is used, and the process-wide count
+// must fall as time passes even for rooms nobody uses any more.
+func (rl *relay) sweep() {
+	now := rl.now()
+	rl.rooms.Range(func(_, v any) bool {
+		room := v.(*relayRoom)
+		room.mu.Lock()
+		room.expireLocked(now)
+		room.mu.Unlock()
+		return true
+	})
+}
+
 // pendingLen returns the number of pending requests of the room.
 func (room *relayRoom) pendingLen() int {
 	room.mu.Lock()
@@ -301,17 +315,76 @@ func (rl *relay) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rl.rt.metrics.relayed(status, time.Since(start))
 }
 
-// charge counts n bytes against -relay-max-memory, or refuses them. The
-// caller gives them back with release.
-func (rl *relay) charge(n int64) error {
-	if rl.mem.Add(n) > rl.rt.cfg.RelayMaxMemory {
-		rl.mem.Add(-n)
+// relayMemory counts the bytes of relayed requests in memory (bodies as
+// they arrive, then frames until written or dropped) against a limit for
+// the process and a share of it for each client address (an eighth, or four
+// bodies' worth if that is more), so that one address cannot take it all.
+type relayMemory struct {
+	max, maxPerClient int64
+
+	mu       sync.Mutex
+	total    int64            // guarded by mu
+	byClient map[string]int64 // guarded by mu; only addresses holding some
+}
+
+func newRelayMemory(limit, maxBody int64) *relayMemory {
+	return &relayMemory{
+		max:          limit,
+		maxPerClient: max(limit/8, 4*maxBody),
+		byClient:     map[string]int64{},
+	}
+}
+
+// charge counts n more bytes for client, or refuses them (errRelayMemory).
+func (m *relayMemory) charge(client string, n int64) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.total+n > m.max || m.byClient[client]+n > m.maxPerClient {
 		return errRelayMemory
 	}
+	m.total += n
+	m.byClient[client] += n
 	return nil
 }
 
-func (rl *relay) release(n int64) { rl.mem.Add(-n) }
+// release gives back n bytes charged for client.
+func (m *relayMemory) release(client string, n int64) {
+	if n == 0 {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.total -= n
+	if m.byClient[client] -= n; m.byClient[client] <= 0 {
+		delete(m.byClient, client)
+	}
+}
+
+// inUse returns the bytes charged.
+func (m *relayMemory) inUse() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.total
+}
+
+// chargedReader charges what it reads to client; n is what it charged.
+type chargedReader struct {
+	r      io.Reader
+	mem    *relayMemory
+	client string
+	n      int64
+}
+
+func (cr *chargedReader) Read(p []byte) (int, error) {
+	k, err := cr.r.Read(p)
+	if k > 0 {
+		if e := cr.mem.charge(cr.client, int64(k)); e != nil {
+			return 0, e
+		}
+		cr.n += int64(k)
+	}
+	return k, err
+}
 
 func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayResponse, error) {
 	rt := rl.rt
@@ -351,26 +424,26 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 		return nil, errNoHost
 	}
 
-	// Memory: the body, then its frame (at most 4/3 of the body plus the
-	// headers, escapes included, as encodeRelayRequest bounds it). Until
-	// the body is read, as much as it may be is held.
-	maxBody := rt.cfg.RelayMaxBody
-	if r.ContentLength >= 0 && r.ContentLength < maxBody {
-		maxBody = r.ContentLength
+	// Memory, against -relay-max-memory and this client's share of it:
+	// the body as its bytes arrive (a caller that trickles one holds only
+	// what it sent), then the frame in its place. The frame stays charged
+	// until it is written or dropped, after the request if need be.
+	if r.ContentLength > rt.cfg.RelayMaxBody {
+		return nil, errTooLarge
 	}
-	held := maxBody + relayFrameBound(r, maxBody)
-	if err := rl.charge(held); err != nil {
-		return nil, err
-	}
-	defer func() { rl.release(held) }()
-
+	client := rt.limits.clientIP(r)
 	var body []byte
 	if r.Body != nil {
-		body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, rt.cfg.RelayMaxBody))
+		in := &chargedReader{r: http.MaxBytesReader(w, r.Body, rt.cfg.RelayMaxBody), mem: rl.mem, client: client}
+		body, err = io.ReadAll(in)
+		defer rl.mem.release(client, in.n)
 		if err != nil {
 			var tooBig *http.MaxBytesError
-			if errors.As(err, &tooBig) {
+			switch {
+			case errors.As(err, &tooBig):
 				return nil, errTooLarge
+			case errors.Is(err, errRelayMemory):
+				return nil, err
 			}
 			// The caller's body broke off: its fault, not a 5xx.
 			return nil, paramError("request body unreadable")
@@ -381,12 +454,24 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 	if err != nil {
 		return nil, err
 	}
-	frame := &relayFrame{data: data}
-	// From here on what is held is exactly the body and the frame.
-	actual := int64(len(body) + len(frame.data))
-	rl.release(held - actual)
-	held = actual
 	body = nil // the frame carries it now
+	n := int64(len(data))
+	if err := rl.mem.charge(client, n); err != nil {
+		return nil, err
+	}
+	frame := &relayFrame{data: data, release: func() { rl.mem.release(client, n) }}
+	// However the request ends, its frame is never written after that, and
+	// its bytes are given back once nobody holds them: at once if it is
+	// still queued (or never was), else by the writer that took it.
+	sent := false
+	defer func() {
+		frame.ended.Store(true)
+		if c, ok := host.(*conn); ok && sent {
+			c.queue.dropRelay(frame)
+		} else {
+			frame.done()
+		}
+	}()
 
 	room := rl.room(reg)
 	p := &pendingRelay{host: host, reply: make(chan relayOutcome, 1)}
@@ -410,12 +495,9 @@ func (rl *relay) roundTrip(w http.ResponseWriter, r *http.Request) (*relayRespon
 		if c.isGone() {
 			room.failHost(host)
 		}
-		if !c.sendRelay(frame) {
+		if sent = c.sendRelay(frame); !sent {
 			return nil, errHostBusy
 		}
-		// A frame still queued when the request ends is never written:
-		// nobody would read its answer.
-		defer c.queue.dropRelay(frame)
 	} else {
 		host.Send(registry.Message{Data: frame.data})
 	}
@@ -471,6 +553,10 @@ func relayStatus(err error) (int, string) {
 
 func writeRelayError(w http.ResponseWriter, err error) {
 	code, msg := relayStatus(err)
+	// Every relay answer, an error too, is sandboxed and private (the
+	// router's CORS header is set for every request).
+	w.Header().Set("Content-Security-Policy", relaySandbox)
+	w.Header().Set("Cache-Control", "private")
 	if code == http.StatusTooManyRequests && errors.Is(err, errTooManyRelays) {
 		// Pending requests end within the relay timeout at the latest.
 		w.Header().Set("Retry-After", "1")

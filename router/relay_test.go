@@ -637,6 +637,10 @@ func TestRelayReplyHeaders(t *testing.T) {
 			"Set-Cookie":                       "s=1",
 			"Location":                         "https://evil.example/",
 			"Refresh":                          "0; url=https://evil.example/",
+			"X-Accel-Redirect":                 "/internal/secret",
+			"X-Accel-Expires":                  "3600",
+			"X-Sendfile":                       "/etc/passwd",
+			"X-LiteSpeed-Cache-Control":        "public",
 		}, map[string]string{
 			"Access-Control-Allow-Origin":      "*",
 			"Access-Control-Allow-Credentials": "",
@@ -650,6 +654,10 @@ func TestRelayReplyHeaders(t *testing.T) {
 			"Set-Cookie":                       "",
 			"Location":                         "",
 			"Refresh":                          "",
+			"X-Accel-Redirect":                 "",
+			"X-Accel-Expires":                  "",
+			"X-Sendfile":                       "",
+			"X-Litespeed-Cache-Control":        "",
 		}},
 		{"representation headers", 200, map[string]any{
 			"Content-Language":    "de",

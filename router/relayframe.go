@@ -33,8 +33,8 @@ var hopHeaders = map[string]bool{
 }
 
 // dropRequestHeaders never reach the device: credentials of the router
-// (X-Key, X-Host-Key) and the browser's cookies for the router's origin.
-var dropRequestHeaders = map[string]bool{"Cookie": true, "X-Key": true, "X-Host-Key": true}
+// (X-Key, X-Host-Key, X-Token) and the browser's cookies for the router's origin.
+var dropRequestHeaders = map[string]bool{"Cookie": true, "X-Key": true, "X-Host-Key": true, "X-Token": true}
 
 // replyHeaders are the headers a device's reply may set (SPEC §7): those
 // that describe the representation and nothing else. Everything else is
@@ -55,6 +55,12 @@ var routerHeaders = map[string]bool{
 	"X-Forwarded-For": true, "X-Forwarded-Host": true, "X-Forwarded-Proto": true, "X-Real-Ip": true,
 }
 
+// proxyControlPrefixes are X- headers that a reverse proxy in front acts on
+// rather than passing (nginx's X-Accel-Redirect serves an internal location,
+// X-Accel-Expires overrides Cache-Control in its cache; X-Sendfile and
+// LiteSpeed's likewise): a device must not steer the proxy.
+var proxyControlPrefixes = []string{"X-Accel-", "X-Sendfile", "X-Litespeed-", "X-Lighttpd-"}
+
 // relaySandbox is the Content-Security-Policy of every relay answer: a page
 // from a device runs scripts in an opaque origin, so it can reach neither
 // the router's origin (other registrations' pages, their keys in URLs) nor
@@ -70,7 +76,15 @@ func replyHeaderAllowed(k string, status int) bool {
 	case replyHeaders[k]:
 		return true
 	}
-	return len(k) > 2 && (k[:2] == "X-") && !routerHeaders[k]
+	if len(k) <= 2 || k[:2] != "X-" || routerHeaders[k] {
+		return false
+	}
+	for _, p := range proxyControlPrefixes {
+		if strings.HasPrefix(k, p) {
+			return false
+		}
+	}
+	return true
 }
 
 // cacheControl keeps the directives a device may use (private, no-store,

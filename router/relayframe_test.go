@@ -91,6 +91,7 @@ func FuzzRelayRequest(f *testing.F) {
 		}
 		h.Set("Cookie", "c=1")
 		h.Set("X-Key", "k")
+		h.Set("X-Token", "t")
 		b, err := encodeRelayRequest("0123", method, path, query, h, body)
 		if err != nil {
 			t.Fatal(err)
@@ -128,6 +129,9 @@ func FuzzRelayRequest(f *testing.F) {
 		}
 		if _, ok := got.Headers["Cookie"]; ok {
 			t.Fatal("Cookie passed")
+		}
+		if _, ok := got.Headers["X-Token"]; ok {
+			t.Fatal("X-Token passed")
 		}
 		if _, ok := got.Headers["X-Key"]; ok {
 			t.Fatal("X-Key passed")

@@ -33,8 +33,10 @@ func TestRelayMemoryBounded(t *testing.T) {
 	body := bytes.Repeat([]byte("<"), maxBody)
 	for _, mode := range []string{"silent", "slow"} {
 		t.Run(mode, func(t *testing.T) {
+			// Requests never time out here: each round ends when its
+			// callers give up, so nothing depends on the machine's speed.
 			ts := newTestServer(t, Config{
-				RelayMaxBody: maxBody, RelayMaxPending: pending, RelayTimeout: time.Second,
+				RelayMaxBody: maxBody, RelayMaxPending: pending, RelayTimeout: time.Hour,
 				WriteTimeout: time.Minute, Registry: regCfgKeep(),
 			})
 			id := ts.register(t, "hostclient")
@@ -53,17 +55,19 @@ func TestRelayMemoryBounded(t *testing.T) {
 			base := heapInUse()
 			var peak uint64
 			for round := range rounds {
+				ctx, cancel := context.WithCancel(context.Background())
 				var wg sync.WaitGroup
-				codes := make(chan int, pending)
 				for range pending {
 					wg.Go(func() {
-						resp, err := http.Post(ts.URL+relayURL(id, "/", nil), "text/html", bytes.NewReader(body))
-						if err != nil {
-							t.Error(err)
-							return
+						req, _ := http.NewRequestWithContext(ctx, "POST", ts.URL+relayURL(id, "/", nil), bytes.NewReader(body))
+						req.Header.Set("Content-Type", "text/html")
+						resp, err := http.DefaultClient.Do(req)
+						if err == nil {
+							resp.Body.Close()
+							if resp.StatusCode != http.StatusServiceUnavailable {
+								t.Errorf("round %d: got %d, want the request pending (or 503 host busy)", round, resp.StatusCode)
+							}
 						}
-						resp.Body.Close()
-						codes <- resp.StatusCode
 					})
 				}
 				// Measure while the round's requests are all pending.
@@ -71,15 +75,13 @@ func TestRelayMemoryBounded(t *testing.T) {
 					return ts.rt.relay.room(reg).pendingLen() == pending
 				})
 				peak = max(peak, heapInUse())
+				cancel()
 				wg.Wait()
-				close(codes)
-				for c := range codes {
-					if c != http.StatusGatewayTimeout && c != http.StatusServiceUnavailable {
-						t.Fatalf("round %d: got %d, want 504 (or 503 while the device's relay queue is full)", round, c)
-					}
-				}
+				eventually(t, "the round's requests ended", func() bool {
+					return ts.rt.relay.room(reg).pendingLen() == 0
+				})
 			}
-			// The frames of pending requests, the batch a stuck writer
+			// The frames of pending requests, the frames a stuck writer
 			// holds (at most the relay queue, 8 MiB by default), and a
 			// little for the rest.
 			bound := uint64(pending*maxBody + 8<<20 + 4<<20)
@@ -89,47 +91,88 @@ func TestRelayMemoryBounded(t *testing.T) {
 			if grew > bound {
 				t.Fatalf("heap grew %d bytes, want at most %d", grew, bound)
 			}
-			if got := ts.rt.relay.mem.Load(); got != 0 {
-				t.Fatalf("relay memory still counted after every request ended: %d bytes", got)
+			if got, max := ts.rt.relay.mem.inUse(), int64(8<<20+pending*maxBody); got > max {
+				t.Fatalf("relay memory counted after every request ended: %d bytes, want at most a relay queue's worth", got)
 			}
+			// Once the device is gone, nothing is held.
+			dev.CloseNow()
+			eventually(t, "relay memory released", func() bool { return ts.rt.relay.mem.inUse() == 0 })
 		})
 	}
 }
 
-// TestRelayMemoryCap: past -relay-max-memory a relay request is refused with
-// 503 before its body is read.
+// TestRelayMemoryCap: each client address may hold its share of
+// -relay-max-memory (an eighth, or four bodies' worth) and the process the
+// whole of it; past either a relay request gets 503. One address filling its
+// share leaves the others theirs.
 func TestRelayMemoryCap(t *testing.T) {
-	ts := newTestServer(t, Config{RelayMaxBody: 64 << 10, RelayMaxMemory: 300 << 10, RelayTimeout: testTimeout})
+	const maxBody, limit = 64 << 10, 1 << 20
+	ts := newTestServer(t, Config{RelayMaxBody: maxBody, RelayMaxMemory: limit, RelayTimeout: testTimeout, TrustProxy: "X-Forwarded-For"})
 	id := ts.register(t, "hostclient")
 	_, frames := ts.device(t, id, func(relayRequest) string { return "" })
-	body := bytes.Repeat([]byte("a"), 64<<10)
-	results := make(chan int, 10)
+	body := bytes.Repeat([]byte("a"), maxBody)
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	post := func() {
-		req, _ := http.NewRequestWithContext(ctx, "POST", ts.URL+relayURL(id, "/", nil), bytes.NewReader(body))
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			results <- -1
-			return
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+
+	// post sends one request from client and returns 0 once it is pending
+	// (its frame reached the device), or the status it was answered with.
+	post := func(client string) int {
+		res := make(chan int, 1)
+		wg.Go(func() {
+			req, _ := http.NewRequestWithContext(ctx, "POST", ts.URL+relayURL(id, "/", nil), bytes.NewReader(body))
+			req.Header.Set("X-Forwarded-For", client)
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return // cancelled at the end of the test
+			}
+			resp.Body.Close()
+			res <- resp.StatusCode
+		})
+		select {
+		case <-frames:
+			return 0
+		case code := <-res:
+			return code
 		}
-		resp.Body.Close()
-		results <- resp.StatusCode
 	}
-	// Each pending request holds its 64 KiB body's frame (and charged
-	// 64 KiB × 7/3 plus headers while reading it): two fit in 300 KiB.
-	for range 2 {
-		go post()
-		<-frames
+	// fill sends from client until one is refused; it returns how many
+	// became pending.
+	fill := func(client string) int {
+		for n := 0; n < 100; n++ {
+			switch code := post(client); code {
+			case 0:
+			case http.StatusServiceUnavailable:
+				return n
+			default:
+				t.Fatalf("client %s, request %d: got %d, want pending or 503", client, n+1, code)
+			}
+		}
+		t.Fatalf("client %s: 100 requests pending, none refused", client)
+		return 0
 	}
-	go post()
-	if code := <-results; code != http.StatusServiceUnavailable {
-		t.Fatalf("request past the relay memory cap: got %d, want 503", code)
+	perClient := max(limit/8, 4*maxBody)
+	a := fill("192.0.2.1")
+	if a < 1 || int64(a*maxBody) > int64(perClient) {
+		t.Fatalf("first client: %d pending before a 503, want between 1 and %d", a, perClient/maxBody)
 	}
+	// Other addresses have their own shares, until the whole is taken.
+	clients := 1
+	for ; clients < 32; clients++ {
+		if fill(fmt.Sprintf("192.0.2.%d", clients+1)) == 0 {
+			break
+		}
+	}
+	if clients == 32 {
+		t.Fatal("32 clients each with pending requests: the process-wide limit never refused one")
+	}
+	if got := ts.rt.relay.mem.inUse(); got > limit {
+		t.Fatalf("relay memory in use %d, over the limit %d", got, limit)
+	}
+	t.Logf("%d requests pending for the first client, %d clients before the process-wide limit refused one", a, clients)
 	cancel()
-	<-results
-	<-results
-	eventually(t, "relay memory released", func() bool { return ts.rt.relay.mem.Load() == 0 })
+	wg.Wait()
+	eventually(t, "relay memory released", func() bool { return ts.rt.relay.mem.inUse() == 0 })
 }
 
 // TestRelayLateRepliesRememberedByTime drives one registration at 50
@@ -194,6 +237,6 @@ func TestRelayRecentFull(t *testing.T) {
 		t.Fatalf("a minute later: got %v, want nil", err)
 	}
 	if n := rl.lingering.Load(); n != 0 {
-		t.Fatal(fmt.Sprintf("remembered after expiry: %d", n))
+		t.Fatalf("remembered after expiry: %d", n)
 	}
 }

@@ -51,7 +51,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	m := newMetrics()
 	rt := &Router{cfg: cfg, log: log, logs: newLimitedLog(log), metrics: m}
 	rt.auth = authenticator{rt}
-	rt.relay = &relay{rt: rt, now: time.Now}
+	rt.relay = &relay{rt: rt, now: time.Now, mem: newRelayMemory(cfg.RelayMaxMemory, cfg.RelayMaxBody)}
 	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry
 	// The router observes the registry's lifecycle first (metrics, logs,
@@ -67,7 +67,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	rt.registry = registry.New(regCfg)
 	m.registerLive(rt.registry)
 	rt.baseCtx, rt.cancelBase = context.WithCancel(context.Background())
-	go rt.sweepLimits()
+	go rt.sweep()
 
 	mux := httprouter.New()
 	mux.HandleMethodNotAllowed = true
@@ -149,15 +149,20 @@ func (rt *Router) Shutdown(ctx context.Context) error {
 	}
 }
 
-// sweepLimits forgets idle rate-limit entries once a minute until the router
-// shuts down, so a limiter's memory follows its live clients.
-func (rt *Router) sweepLimits() {
-	t := time.NewTicker(time.Minute)
-	defer t.Stop()
+// sweep forgets idle rate-limit entries once a minute, and expired relay
+// request ids every ten seconds, until the router shuts down, so that
+// memory follows the live clients.
+func (rt *Router) sweep() {
+	limits := time.NewTicker(time.Minute)
+	defer limits.Stop()
+	relays := time.NewTicker(10 * time.Second)
+	defer relays.Stop()
 	for {
 		select {
-		case <-t.C:
+		case <-limits.C:
 			rt.limits.sweep()
+		case <-relays.C:
+			rt.relay.sweep()
 		case <-rt.baseCtx.Done():
 			return
 		}

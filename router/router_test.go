@@ -620,7 +620,7 @@ func TestShutdown(t *testing.T) {
 // outliving the batch: pings and pongs written later would then fail, and
 // the member would be dropped on its next message.
 func TestIdleAfterWriteSurvivesPings(t *testing.T) {
-	ts := newTestServer(t, Config{PingInterval: 20 * time.Millisecond, WriteTimeout: 150 * time.Millisecond})
+	ts := newTestServer(t, Config{PingInterval: 50 * time.Millisecond, WriteTimeout: 500 * time.Millisecond})
 	id := ts.register(t, "lobby")
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
@@ -628,8 +628,8 @@ func TestIdleAfterWriteSurvivesPings(t *testing.T) {
 	s := ts.dial(t, id, "")
 	write(t, s, "first")
 	expectNext(t, r, "first")
-	// Ten pings at 20 ms are past the 150 ms write timeout of the batch
-	// that carried "first". r reads meanwhile, so it answers them.
+	// Fifteen pings at 50 ms are past the 500 ms write timeout of the
+	// batch that carried "first". r reads meanwhile, so it answers them.
 	got := make(chan string, 1)
 	go func() {
 		_, b, err := r.Read(ctx)
@@ -639,7 +639,7 @@ func TestIdleAfterWriteSurvivesPings(t *testing.T) {
 		}
 		got <- string(b)
 	}()
-	for range 10 {
+	for range 15 {
 		select {
 		case <-pings:
 		case <-ctx.Done():
