@@ -1,7 +1,7 @@
 // Command wsrouter is a self-hosted WebSocket router: programs on different
 // private networks reach each other through rooms on one server they all dial
-// out to. README.md describes the protocol (its API section and the ones
-// after it) and every flag.
+// out to. docs/protocol.md describes the protocol, docs/operations.md every
+// flag; README.md is the place to start.
 package main
 
 import (

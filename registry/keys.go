@@ -88,7 +88,7 @@ func (h *hasher) compare(ctx context.Context, hash []byte, key string) error {
 // per-process random secret, a memory dump does not give an attacker a
 // precomputable table, but it does let one test guesses at SHA-256 speed
 // rather than bcrypt speed: that is the price of not paying bcrypt on every
-// repeated connect (see the README).
+// repeated connect (see docs/operations.md, "Keys and the remembered-key trade-off").
 func mac(key string) (sum [sha256.Size]byte) {
 	m := macPool.Get().(hash.Hash)
 	m.Reset()

@@ -25,7 +25,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	}
 
 	// The member joined before the upgrade response is written, so it
-	// receives every message sent after that (SPEC §4); they wait in its
+	// receives every message sent after that (docs/protocol.md §4); they wait in its
 	// queue until the socket is up.
 	cw := &captureWriter{ResponseWriter: w}
 	cw.Header().Set("X-Connection-Id", c.id)

@@ -12,7 +12,7 @@ import (
 	"wsrouter/registry"
 )
 
-// defaultLimits are the rate limits of the flags' defaults (SPEC §8).
+// defaultLimits are the rate limits of the flags' defaults (docs/protocol.md §8).
 func defaultLimits(cfg Config) Config {
 	cfg.RateRegister = Limit{2, 20}
 	cfg.RateConnect = Limit{10, 50}

@@ -54,7 +54,7 @@ type Config struct {
 	// control (ping) frames alike; a member over it is closed with 1008.
 	// A zero Rate means no limit.
 	RateMessage Limit
-	// Per-client-IP rate limits (SPEC §8); a zero Rate turns one off.
+	// Per-client-IP rate limits (docs/protocol.md §8); a zero Rate turns one off.
 	RateRegister, RateConnect, RateRelay Limit
 	// RateBadKey is the failed-key bucket: each wrong key or host key on
 	// /connect, /remove or /relay takes a token, and an address with none

@@ -21,7 +21,7 @@ import (
 	"wsrouter/registry"
 )
 
-// Close codes of SPEC §4 that the server sends. 1000 is only ever the echo
+// Close codes of docs/protocol.md §4 that the server sends. 1000 is only ever the echo
 // of a peer's own close; 1011 has no cause in this version.
 const (
 	codeGoingAway    = 1001
@@ -210,7 +210,7 @@ func (c *conn) serve(ws *websocket.Conn, wc *wireConn) registry.Closure {
 }
 
 // closure says how the connection ended: the close the server decided
-// (counted once, SPEC §4), else the peer's close frame, else 1006 (no close
+// (counted once, docs/protocol.md §4), else the peer's close frame, else 1006 (no close
 // frame: the network, a ping timeout, a failed write).
 func (c *conn) closure(err error) registry.Closure {
 	if c.closing.Load() && c.closeCode > 0 {

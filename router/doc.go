@@ -1,8 +1,8 @@
 // Package router is wsrouter's network edge: the HTTP endpoints, the
 // WebSocket accept, each member's reader and writer, and the metrics. It maps
 // the registry's errors to HTTP statuses and close codes in one place
-// (errors.go). The README at the repository root documents the API for users,
-// with examples.
+// (errors.go). docs/protocol.md in the repository documents the protocol for
+// users; the README is the place to start.
 //
 // # Endpoints
 //
@@ -46,9 +46,9 @@
 //
 //	1000  normal (the server echoes a peer's own close)
 //	1001  server shutting down
-//	1008  policy (reserved: credentials revoked while connected)
+//	1007  a text message that is not UTF-8, sent to its sender (never forwarded)
+//	1008  over Config.RateMessage (data, ping and pong frames per second)
 //	1009  message over Config.MaxMessage, sent to its sender
-//	1011  internal error (reserved)
 //	4000  registration removed
 //	4008  slow consumer
 //

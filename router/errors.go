@@ -23,7 +23,7 @@ type errRateLimited struct{ retry time.Duration }
 func (e *errRateLimited) Error() string { return "rate limited" }
 
 // status maps an error to its HTTP status and one-line body. This is the one
-// place registry errors become statuses (SPEC §2); a client's mistake is
+// place registry errors become statuses (docs/protocol.md §2); a client's mistake is
 // never a 5xx.
 func status(err error) (int, string) {
 	var pe *errParam

@@ -108,7 +108,7 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 }
 
 // refuse answers a refused request with its status and counts it by endpoint
-// and status (SPEC §8: every refusal is counted).
+// and status (docs/protocol.md §8: every refusal is counted).
 func (rt *Router) refuse(w http.ResponseWriter, endpoint string, err error) {
 	code, _ := status(err)
 	rt.metrics.refused(endpoint, code)

@@ -26,7 +26,7 @@ func paramError(format string, args ...any) error {
 	return &errParam{fmt.Sprintf(format, args...)}
 }
 
-// validID reports whether s is 1–64 of A-Z a-z 0-9 . _ - (SPEC §3). Minted
+// validID reports whether s is 1–64 of A-Z a-z 0-9 . _ - (docs/protocol.md §3). Minted
 // ids (32 lowercase hex) fit too.
 func validID(s string) bool {
 	if len(s) == 0 || len(s) > maxIDLen {

@@ -17,7 +17,7 @@ import (
 
 // relayLinger is how long a finished request's rid still claims a host's
 // reply, so that a late answer goes nowhere rather than to the clients
-// (SPEC §7).
+// (docs/protocol.md §7).
 const relayLinger = 60 * time.Second
 
 // Finished rids are remembered for the whole of relayLinger, never fewer:
@@ -30,7 +30,7 @@ const (
 	maxLingeringTotal = 1 << 20
 )
 
-// Relay errors, each a status of SPEC §7.
+// Relay errors, each a status of docs/protocol.md §7.
 var (
 	errNotHostClient = errors.New("relay needs a hostclient registration")
 	errNoHost        = errors.New("no host connected")
@@ -277,7 +277,7 @@ func (rl *relay) hostLeft(c *conn) {
 }
 
 // removed fails the pending requests of a registration that is gone: 503
-// while the server shuts down (SPEC §8), 502 otherwise (its host was closed).
+// while the server shuts down (docs/protocol.md §8), 502 otherwise (its host was closed).
 func (rl *relay) removed(reg *registry.Registration, cause registry.Cause) {
 	v, ok := rl.rooms.LoadAndDelete(reg)
 	if !ok {

@@ -609,7 +609,7 @@ func TestRelayLateReplyWindow(t *testing.T) {
 }
 
 // TestRelayReplyHeaders: a device's reply sets only representation headers
-// (SPEC §7); everything that would change how browsers or caches treat the
+// (docs/protocol.md §7); everything that would change how browsers or caches treat the
 // router's origin is dropped, and every answer is sandboxed and private.
 func TestRelayReplyHeaders(t *testing.T) {
 	ts := newTestServer(t, Config{})

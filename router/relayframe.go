@@ -13,7 +13,7 @@ import (
 	"unicode/utf8"
 )
 
-// relayRequest is the text frame a relayed HTTP request becomes (SPEC §7).
+// relayRequest is the text frame a relayed HTTP request becomes (docs/protocol.md §7).
 type relayRequest struct {
 	RID          string            `json:"rid"`
 	Method       string            `json:"method"`
@@ -36,7 +36,7 @@ var hopHeaders = map[string]bool{
 // (X-Key, X-Host-Key, X-Token) and the browser's cookies for the router's origin.
 var dropRequestHeaders = map[string]bool{"Cookie": true, "X-Key": true, "X-Host-Key": true, "X-Token": true}
 
-// replyHeaders are the headers a device's reply may set (SPEC §7): those
+// replyHeaders are the headers a device's reply may set (docs/protocol.md §7): those
 // that describe the representation and nothing else. Everything else is
 // dropped — CORS, HSTS, CSP, Service-Worker-Allowed, Clear-Site-Data,
 // Set-Cookie, WWW-Authenticate, hop-by-hop headers — because a device's
@@ -244,7 +244,7 @@ type relayResponse struct {
 // used: the caller gets 502.
 var errBadReply = errors.New("unusable relay reply")
 
-// typeNames maps the reply's short type names to Content-Types (SPEC §7).
+// typeNames maps the reply's short type names to Content-Types (docs/protocol.md §7).
 var typeNames = map[string]string{
 	"html": "text/html; charset=utf-8",
 	"text": "text/plain; charset=utf-8",
@@ -270,7 +270,7 @@ type replyFrame struct {
 }
 
 // parseRelayReply maps a device's reply frame (a JSON object, as replyRID
-// found) to an HTTP response (SPEC §7). maxBody bounds the decoded body.
+// found) to an HTTP response (docs/protocol.md §7). maxBody bounds the decoded body.
 func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 	var f replyFrame
 	if err := json.Unmarshal(data, &f); err != nil {

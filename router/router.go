@@ -110,7 +110,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 
 // ServeHTTP implements http.Handler.
 func (rt *Router) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	// Credentials are keys, not cookies, so any page may call us (SPEC §2).
+	// Credentials are keys, not cookies, so any page may call us (docs/protocol.md §2).
 	w.Header().Set("Access-Control-Allow-Origin", "*")
 	if strings.HasPrefix(r.URL.Path, "/relay/") {
 		// Any method, so not through httprouter's per-method table.

@@ -34,7 +34,7 @@ type regStats struct {
 	MessagesOut uint64         `json:"messages_out"`
 }
 
-// serveStats answers /stats for the admin token's bearer only (SPEC §8).
+// serveStats answers /stats for the admin token's bearer only (docs/protocol.md §8).
 // Without an admin token the route does not exist (404).
 func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 	if err := rt.auth.admin(r, "stats", readBearer(r)); err != nil {

@@ -252,7 +252,7 @@ func (d *device) serve(ctx context.Context, ws *websocket.Conn, out io.Writer) e
 	}
 }
 
-// request is a relay request frame (README, "The request frame").
+// request is a relay request frame (docs/protocol.md §7.1).
 type request struct {
 	RID          string            `json:"rid"`
 	Method       string            `json:"method"`

@@ -34,7 +34,7 @@ import (
 	"github.com/coder/websocket"
 )
 
-// Close codes wsrouter sends (README, "Close codes") beyond the standard ones.
+// Close codes wsrouter sends (docs/protocol.md §4.7) beyond the standard ones.
 const (
 	codeRemoved      websocket.StatusCode = 4000
 	codeSlowConsumer websocket.StatusCode = 4008

@@ -27,7 +27,7 @@ const (
 	goalP99Ms     = 2.0 // … under this many milliseconds
 )
 
-// relayBench measures HTTP relayed to a device (SPEC §7) beside the same
+// relayBench measures HTTP relayed to a device (docs/protocol.md §7) beside the same
 // handler served directly. -c HTTP clients each run a closed loop: GET
 // /relay/{id}/reading?key=…, read the whole answer, send the next. On
 // wsrouter the request becomes a frame to the one host of a hostclient
