@@ -21,24 +21,6 @@ import (
 	"wsrouter/registry"
 )
 
-// Close codes of docs/protocol.md §4 that the server sends. 1000 is only ever the echo
-// of a peer's own close; 1011 has no cause in this version.
-const (
-	codeGoingAway    = 1001
-	codeInvalidUTF8  = 1007
-	codePolicy       = 1008
-	codeTooBig       = 1009
-	codeRemoved      = 4000
-	codeSlowConsumer = 4008
-
-	// codePingTimeout stands for a member dropped without a close frame
-	// because it did not answer a ping. It never goes on the wire.
-	codePingTimeout = -1
-	// codeWriteFailed stands for a member dropped because a write failed
-	// or stalled past -write-timeout. It never goes on the wire either.
-	codeWriteFailed = -2
-)
-
 // conn is one member: a WebSocket joined to a registration. One goroutine
 // reads; a writer goroutine, started only while there is something to write,
 // is the only caller of Write; a timer pings. The reader returning ends the
