@@ -41,7 +41,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		c.reg.Leave(c, registry.Closure{Code: 1006})
 		close(c.gone)
 		if c.role == registry.RoleHost {
-			rt.relay.hostLeft(c) // a relay may have picked it meanwhile
+			rt.relay.HostLeft(c.reg, c) // a relay may have picked it meanwhile
 		}
 		rt.conns.Done()
 		return

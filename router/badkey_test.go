@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"wsrouter/registry"
+	"wsrouter/router/relay"
 )
 
 // defaultLimits are the rate limits of the flags' defaults (docs/protocol.md §8).
@@ -79,7 +80,7 @@ func TestRightKeysNeverLockOut(t *testing.T) {
 func TestRightRelayKeysNeverLockOut(t *testing.T) {
 	ts := newTestServer(t, defaultLimits(Config{Registry: regCfgKeep()}))
 	id := ts.register(t, "hostclient")
-	ts.device(t, id, func(f relayRequest) string { return reply(f, map[string]any{"content": "x"}) })
+	ts.device(t, id, func(f relay.Request) string { return reply(f, map[string]any{"content": "x"}) })
 	for i := range 40 {
 		if code, body, _ := ts.do(t, "GET", relayURL(id, "/", nil), nil, nil); code != 200 {
 			t.Fatalf("relay %d with the right key: got %d %q, want 200", i+1, code, body)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"testing"
 	"time"
+	"wsrouter/router/relay"
 )
 
 // BenchmarkFanout forwards 256-byte messages from one sender to every other
@@ -69,7 +70,7 @@ func BenchmarkFanout(b *testing.B) {
 func BenchmarkRelay(b *testing.B) {
 	ts := newTestServer(b, Config{PingInterval: -1, Registry: regCfgKeep()})
 	id := ts.register(b, "hostclient")
-	ts.device(b, id, func(f relayRequest) string {
+	ts.device(b, id, func(f relay.Request) string {
 		return reply(f, map[string]any{"type": "json", "content": map[string]any{"t": 21.5}})
 	})
 	url := ts.URL + relayURL(id, "/reading", nil)

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"wsrouter/registry"
+	"wsrouter/router/relay"
 )
 
 // conn is one member: a WebSocket joined to a registration. One goroutine
@@ -116,18 +117,6 @@ func (c *conn) Send(msg registry.Message) {
 	}
 }
 
-// sendRelay queues a relay request frame on the device's relay budget
-// (-relay-queue-bytes), apart from its message queue: a device that reads
-// slowly makes callers wait or fail (503), but is never closed as a slow
-// consumer for it. It reports false when the budget is spent.
-func (c *conn) sendRelay(f *relayFrame) bool {
-	ok, start := c.queue.pushRelay(f)
-	if start {
-		go c.writeLoop()
-	}
-	return ok
-}
-
 // Close implements registry.Member: it asks the writer to send a close frame
 // and end the connection. It never blocks and only the first call counts.
 func (c *conn) Close(code int, reason string) {
@@ -185,7 +174,7 @@ func (c *conn) serve(ws *websocket.Conn, wc *wireConn) registry.Closure {
 	c.queue.closeWriters()
 	close(c.gone)
 	if c.role == registry.RoleHost {
-		c.rt.relay.hostLeft(c)
+		c.rt.relay.HostLeft(c.reg, c)
 	}
 	c.log.Debug("left", "why", closeDescription(err))
 	return c.closure(err)
@@ -238,7 +227,7 @@ func (c *conn) readLoop(ctx context.Context) error {
 			continue
 		}
 		c.rt.metrics.messageIn(msg)
-		if c.role == registry.RoleHost && !msg.Binary && c.rt.relay.hostFrame(c.reg, data) {
+		if c.role == registry.RoleHost && !msg.Binary && c.rt.relay.HostFrame(c.reg, data) {
 			continue // a relay reply goes to its caller only
 		}
 		n := c.reg.Publish(c, c.role, msg)
@@ -287,11 +276,11 @@ const writerLinger = time.Second
 func (c *conn) writeLoop() {
 	defer c.queue.writerDone()
 	var batch []registry.Message
-	var relays []*relayFrame
+	var relays []*relay.Frame
 	// Frames taken but not written when the writer stops are let go.
 	defer func() {
 		for _, f := range relays {
-			f.done()
+			f.Done()
 		}
 	}()
 	var linger *time.Timer
@@ -383,19 +372,19 @@ func (c *conn) writeBatch(batch []registry.Message) error {
 // writeRelays writes relay request frames, each on its own under the write
 // timeout, skipping those whose request ended meanwhile (nobody would read
 // the answer), and lets each go once written or skipped.
-func (c *conn) writeRelays(frames []*relayFrame) error {
+func (c *conn) writeRelays(frames []*relay.Frame) error {
 	for i, f := range frames {
-		if f.ended.Load() {
-			f.done()
+		if f.Ended() {
+			f.Done()
 			continue
 		}
 		c.wc.SetWriteDeadline(time.Now().Add(c.rt.cfg.WriteTimeout))
-		err := c.ws.Write(context.Background(), websocket.MessageText, f.data)
+		err := c.ws.Write(context.Background(), websocket.MessageText, f.Data)
 		c.wc.SetWriteDeadline(time.Time{})
-		f.done()
+		f.Done()
 		if err != nil {
 			for _, g := range frames[i+1:] {
-				g.done()
+				g.Done()
 			}
 			return err
 		}

@@ -16,8 +16,8 @@
 //     member with 4000.
 //   - /relay/{id}/{path…} (any method): key. The request becomes a JSON frame
 //     for one host of a hostclient registration (round-robin) and the host's
-//     JSON reply, matched by its rid, becomes the response (relay.go,
-//     relayframe.go).
+//     JSON reply, matched by its rid, becomes the response (relayhost.go,
+//     and the package router/relay).
 //   - /healthz: 200 "ok" while serving, 503 once shutdown began.
 //   - /metrics: Prometheus text. /stats: JSON counts for the -admin-token
 //     bearer only.

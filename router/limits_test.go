@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"wsrouter/router/relay"
 
 	"github.com/coder/websocket"
 	dto "github.com/prometheus/client_model/go"
@@ -78,7 +79,7 @@ func TestRateLimitPerEndpoint(t *testing.T) {
 	})
 	withClock(ts)
 	id := ts.register(t, "hostclient")
-	ts.device(t, id, func(f relayRequest) string { return reply(f, map[string]any{"content": "x"}) })
+	ts.device(t, id, func(f relay.Request) string { return reply(f, map[string]any{"content": "x"}) })
 	if _, resp, _ := ts.tryDial(t, id, testKey, "client", nil); resp == nil || resp.StatusCode != 429 {
 		t.Fatalf("second connect: got %v, want 429 (the device's connect took the token)", resp)
 	}
@@ -95,7 +96,7 @@ func TestFailedKeyLockout(t *testing.T) {
 	ts := newTestServer(t, Config{RateBadKey: Limit{Rate: 0.2, Burst: 2}, Registry: regCfgKeep()})
 	clock := withClock(ts)
 	id := ts.register(t, "hostclient")
-	ts.device(t, id, func(f relayRequest) string { return reply(f, map[string]any{"content": "x"}) })
+	ts.device(t, id, func(f relay.Request) string { return reply(f, map[string]any{"content": "x"}) })
 
 	connect := func(key string) int {
 		_, resp, _ := ts.tryDial(t, id, key, "client", nil)
@@ -262,7 +263,7 @@ func TestMetricsAfterKnownTraffic(t *testing.T) {
 	hc := ts.register(t, "hostclient")
 	a, b := ts.dial(t, lobby, ""), ts.dial(t, lobby, "")
 	c := ts.dial(t, lobby, "")
-	ts.device(t, hc, func(f relayRequest) string { return reply(f, map[string]any{"content": "x"}) })
+	ts.device(t, hc, func(f relay.Request) string { return reply(f, map[string]any{"content": "x"}) })
 	for _, m := range []string{"1", "22", "333"} {
 		write(t, a, m)
 		expectNext(t, b, m)

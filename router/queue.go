@@ -3,9 +3,9 @@ package router
 import (
 	"slices"
 	"sync"
-	"sync/atomic"
 
 	"wsrouter/registry"
+	"wsrouter/router/relay"
 )
 
 // maxKeptBatch is the most message slots a queue keeps for reuse between
@@ -41,7 +41,7 @@ type sendQueue struct {
 	closeReq bool               // guarded by mu; a close frame is to be sent
 	// Relay request frames wait apart from messages, on a budget of their
 	// own, and leave the queue when their request ends unwritten.
-	relay      []*relayFrame  // guarded by mu
+	relay      []*relay.Frame // guarded by mu
 	relayBytes int64          // guarded by mu
 	writers    sync.WaitGroup // Add under mu while open
 
@@ -52,29 +52,10 @@ func newSendQueue(max int, relayMax int64) *sendQueue {
 	return &sendQueue{max: max, relayMax: relayMax, wake: make(chan struct{}, 1)}
 }
 
-// relayFrame is a relay request frame queued to a device.
-type relayFrame struct {
-	data   []byte
-	queued bool        // guarded by the queue's mu
-	ended  atomic.Bool // its request has ended: never write it
-	once   sync.Once
-	// release gives the frame's bytes back to the relay's memory budget;
-	// done calls it once, when nobody holds the frame any more.
-	release func()
-}
-
-func (f *relayFrame) done() {
-	f.once.Do(func() {
-		if f.release != nil {
-			f.release()
-		}
-	})
-}
-
 // pushRelay queues a relay frame unless the relay budget is spent (an empty
 // relay queue always takes one). start says the caller must start a writer.
-func (q *sendQueue) pushRelay(f *relayFrame) (ok, start bool) {
-	n := int64(len(f.data))
+func (q *sendQueue) pushRelay(f *relay.Frame) (ok, start bool) {
+	n := int64(len(f.Data))
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if len(q.relay) > 0 && q.relayBytes+n > q.relayMax {
@@ -82,29 +63,25 @@ func (q *sendQueue) pushRelay(f *relayFrame) (ok, start bool) {
 	}
 	q.relay = append(q.relay, f)
 	q.relayBytes += n
-	f.queued = true
 	return true, q.startLocked()
 }
 
-// dropRelay takes f out of the queue if it has not been handed to the
-// writer yet: its request has ended and nobody waits for the answer.
-func (q *sendQueue) dropRelay(f *relayFrame) {
+// dropRelay takes f out of the queue if the writer has not taken it yet,
+// and lets it go: its request has ended and nobody waits for the answer. A
+// frame the writer took is the writer's to let go.
+func (q *sendQueue) dropRelay(f *relay.Frame) {
 	q.mu.Lock()
-	defer q.mu.Unlock()
-	if !f.queued {
-		return
-	}
-	f.queued = false
-	defer f.done()
-	q.relayBytes -= int64(len(f.data))
-	for i, g := range q.relay {
-		if g == f {
-			q.relay = slices.Delete(q.relay, i, i+1)
-			break
+	i := slices.Index(q.relay, f)
+	if i >= 0 {
+		q.relay = slices.Delete(q.relay, i, i+1)
+		q.relayBytes -= int64(len(f.Data))
+		if len(q.relay) == 0 {
+			q.relay = nil
 		}
 	}
-	if len(q.relay) == 0 {
-		q.relay = nil
+	q.mu.Unlock()
+	if i >= 0 {
+		f.Done()
 	}
 }
 
@@ -188,7 +165,7 @@ const (
 // array so a busy connection does not allocate per batch) and every queued
 // relay frame, else park. The writer owns the frames it takes: it writes
 // each whose request has not ended, and calls done on every one.
-func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, []*relayFrame, writerStep) {
+func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, []*relay.Frame, writerStep) {
 	if cap(spare) > maxKeptBatch {
 		// A burst's backing array goes: an idle connection must not keep
 		// the capacity of its largest past batch.
@@ -208,9 +185,6 @@ func (q *sendQueue) next(spare []registry.Message) ([]registry.Message, []*relay
 		return nil, nil, stepPark
 	}
 	msgs, relays := q.msgs, q.relay
-	for _, f := range relays {
-		f.queued = false
-	}
 	q.relay, q.relayBytes = nil, 0
 	q.msgs = spare[:0]
 	q.bytes = 0

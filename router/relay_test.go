@@ -14,6 +14,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"wsrouter/router/relay"
 
 	"github.com/coder/websocket"
 )
@@ -23,17 +24,17 @@ var pngBytes = []byte("\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x
 
 // device joins id as a host and answers each relay frame with whatever
 // answer returns ("" answers nothing). It returns the received frames.
-func (ts *testServer) device(t testing.TB, id string, answer func(relayRequest) string) (*websocket.Conn, <-chan relayRequest) {
+func (ts *testServer) device(t testing.TB, id string, answer func(relay.Request) string) (*websocket.Conn, <-chan relay.Request) {
 	t.Helper()
 	c := ts.dial(t, id, "host")
-	frames := make(chan relayRequest, 10000)
+	frames := make(chan relay.Request, 10000)
 	go func() {
 		for {
 			typ, b, err := c.Read(context.Background())
 			if err != nil {
 				return
 			}
-			var f relayRequest
+			var f relay.Request
 			if typ != websocket.MessageText || json.Unmarshal(b, &f) != nil || f.RID == "" {
 				continue
 			}
@@ -49,7 +50,7 @@ func (ts *testServer) device(t testing.TB, id string, answer func(relayRequest) 
 }
 
 // reply builds a reply frame for f from the given fields.
-func reply(f relayRequest, fields map[string]any) string {
+func reply(f relay.Request, fields map[string]any) string {
 	m := map[string]any{"rid": f.RID}
 	for k, v := range fields {
 		m[k] = v
@@ -71,7 +72,7 @@ func relayURL(id, path string, q url.Values) string {
 func TestRelayRequestFrame(t *testing.T) {
 	ts := newTestServer(t, Config{})
 	id := ts.register(t, "hostclient")
-	_, frames := ts.device(t, id, func(f relayRequest) string { return reply(f, map[string]any{"content": "ok"}) })
+	_, frames := ts.device(t, id, func(f relay.Request) string { return reply(f, map[string]any{"content": "ok"}) })
 
 	hdr := http.Header{
 		"Content-Type":  {"text/plain"},
@@ -146,7 +147,7 @@ func TestRelayReplyMapping(t *testing.T) {
 	id := ts.register(t, "hostclient")
 	// The device answers with the reply named by the request's path.
 	replies := map[string]map[string]any{}
-	ts.device(t, id, func(f relayRequest) string {
+	ts.device(t, id, func(f relay.Request) string {
 		r, ok := replies[f.Path]
 		if !ok {
 			return ""
@@ -233,7 +234,7 @@ func TestRelayStatuses(t *testing.T) {
 	lobby := ts.register(t, "lobby")
 	empty := ts.register(t, "hostclient")
 	ts.dial(t, empty, "client") // a client is no host
-	ts.device(t, hc, func(f relayRequest) string {
+	ts.device(t, hc, func(f relay.Request) string {
 		if f.Path == "/silent" {
 			return ""
 		}
@@ -279,7 +280,7 @@ func TestRelayStatuses(t *testing.T) {
 func TestRelayTooManyPending(t *testing.T) {
 	ts := newTestServer(t, Config{RelayMaxPending: 2})
 	id := ts.register(t, "hostclient")
-	dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
+	dev, frames := ts.device(t, id, func(relay.Request) string { return "" })
 	results := make(chan int, 2)
 	for range 2 {
 		go func() {
@@ -287,7 +288,7 @@ func TestRelayTooManyPending(t *testing.T) {
 			results <- code
 		}()
 	}
-	held := []relayRequest{<-frames, <-frames} // both are pending now
+	held := []relay.Request{<-frames, <-frames} // both are pending now
 	code, _, h := ts.do(t, "GET", relayURL(id, "/third", nil), nil, nil)
 	if code != 429 || h.Get("Retry-After") == "" {
 		t.Fatalf("got %d Retry-After %q, want 429 with Retry-After", code, h.Get("Retry-After"))
@@ -306,7 +307,7 @@ func TestRelayConcurrentOutOfOrder(t *testing.T) {
 	ts := newTestServer(t, Config{})
 	id := ts.register(t, "hostclient")
 	const n = 50
-	dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
+	dev, frames := ts.device(t, id, func(relay.Request) string { return "" })
 
 	var wg sync.WaitGroup
 	for i := range n {
@@ -318,7 +319,7 @@ func TestRelayConcurrentOutOfOrder(t *testing.T) {
 			}
 		})
 	}
-	got := make([]relayRequest, 0, n)
+	got := make([]relay.Request, 0, n)
 	for range n {
 		got = append(got, <-frames)
 	}
@@ -331,7 +332,7 @@ func TestRelayConcurrentOutOfOrder(t *testing.T) {
 		}
 	}
 	wg.Wait()
-	if p := ts.rt.relay.pendingCount(); p != 0 {
+	if p := ts.rt.relay.Pending(); p != 0 {
 		t.Fatalf("got %d pending, want 0", p)
 	}
 }
@@ -342,7 +343,7 @@ func TestRelayRoundRobin(t *testing.T) {
 	var counts [2]int
 	var mu sync.Mutex
 	for i := range 2 {
-		ts.device(t, id, func(f relayRequest) string {
+		ts.device(t, id, func(f relay.Request) string {
 			mu.Lock()
 			counts[i]++
 			mu.Unlock()
@@ -363,7 +364,7 @@ func TestRelayRepliesNeverReachClients(t *testing.T) {
 	ts := newTestServer(t, Config{RelayTimeout: time.Second})
 	id := ts.register(t, "hostclient")
 	client := ts.dial(t, id, "client")
-	dev, frames := ts.device(t, id, func(f relayRequest) string {
+	dev, frames := ts.device(t, id, func(f relay.Request) string {
 		if f.Path == "/late" {
 			return ""
 		}
@@ -394,7 +395,7 @@ func TestRelayRepliesNeverReachClients(t *testing.T) {
 // the device holds it: the device's socket and the request's status to come.
 func holdRelay(t *testing.T, ts *testServer, id string) (*websocket.Conn, <-chan int) {
 	t.Helper()
-	dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
+	dev, frames := ts.device(t, id, func(relay.Request) string { return "" })
 	res := make(chan int, 1)
 	go func() {
 		code, _, _ := ts.do(t, "GET", relayURL(id, "/", nil), nil, nil)
@@ -436,7 +437,7 @@ func TestRelayPendingEnds(t *testing.T) {
 			if code := <-res; code != tt.want {
 				t.Fatalf("got %d, want %d", code, tt.want)
 			}
-			if p := ts.rt.relay.pendingCount(); p != 0 {
+			if p := ts.rt.relay.Pending(); p != 0 {
 				t.Fatalf("got %d pending, want 0", p)
 			}
 		})
@@ -490,14 +491,14 @@ func TestRelayNoLeaks(t *testing.T) {
 
 	id := ts.register(t, "hostclient")
 	ts.dial(t, id, "client")
-	ts.device(t, id, func(f relayRequest) string {
+	ts.device(t, id, func(f relay.Request) string {
 		if f.Path == "/answer" {
 			return reply(f, map[string]any{"content": "x"})
 		}
 		return ""
 	})
 	idT := tsT.register(t, "hostclient")
-	tsT.device(t, idT, func(relayRequest) string { return "" })
+	tsT.device(t, idT, func(relay.Request) string { return "" })
 	parallel(perPath, func(int) { tally("/answer", get(ts, id, "/answer", ctx)) })
 	parallel(perPath, func(int) { tally("/timeout", get(tsT, idT, "/timeout", ctx)) })
 	parallel(perPath, func(int) {
@@ -514,7 +515,7 @@ func TestRelayNoLeaks(t *testing.T) {
 		ts := ts2
 		id := ts.register(t, "hostclient")
 		ts.dial(t, id, "client")
-		dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
+		dev, frames := ts.device(t, id, func(relay.Request) string { return "" })
 		done := make(chan struct{})
 		go func() {
 			parallel(perPath, func(int) { tally("/"+how, get(ts, id, "/"+how, ctx)) })
@@ -535,7 +536,7 @@ func TestRelayNoLeaks(t *testing.T) {
 	// A caller that went away is noticed by the server when its connection
 	// closes, a moment after the client gave up.
 	eventually(t, "no pending relay requests", func() bool {
-		return ts.rt.relay.pendingCount()+tsT.rt.relay.pendingCount()+ts2.rt.relay.pendingCount() == 0
+		return ts.rt.relay.Pending()+tsT.rt.relay.Pending()+ts2.rt.relay.Pending() == 0
 	})
 	if counts["/answer"][200] != perPath {
 		t.Errorf("answers: got %v, want %d×200", counts["/answer"], perPath)
@@ -559,7 +560,7 @@ func TestRelayKeyInBodyIsForwarded(t *testing.T) {
 	// body is the device's business and passes untouched.
 	ts := newTestServer(t, Config{})
 	id := ts.register(t, "hostclient")
-	_, frames := ts.device(t, id, func(f relayRequest) string { return reply(f, map[string]any{"content": "x"}) })
+	_, frames := ts.device(t, id, func(f relay.Request) string { return reply(f, map[string]any{"content": "x"}) })
 	hdr := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
 	ts.do(t, "POST", relayURL(id, "/form", nil), strings.NewReader("key=device-field"), hdr)
 	if f := <-frames; f.Body == nil || *f.Body != "key=device-field" {
@@ -575,12 +576,12 @@ func TestRelayKeyInBodyIsForwarded(t *testing.T) {
 func TestRelayLateReplyWindow(t *testing.T) {
 	ts := newTestServer(t, Config{RelayTimeout: 50 * time.Millisecond})
 	clock := &fakeClock{now: time.Unix(1_000_000, 0)}
-	ts.rt.relay.now = clock.Now
+	ts.rt.relay.Now = clock.Now
 	id := ts.register(t, "hostclient")
 	client := ts.dial(t, id, "client")
-	dev, frames := ts.device(t, id, func(relayRequest) string { return "" })
+	dev, frames := ts.device(t, id, func(relay.Request) string { return "" })
 
-	late := func() relayRequest {
+	late := func() relay.Request {
 		res := make(chan int, 1)
 		go func() {
 			code, _, _ := ts.do(t, "GET", relayURL(id, "/late", nil), nil, nil)
@@ -615,7 +616,7 @@ func TestRelayReplyHeaders(t *testing.T) {
 	ts := newTestServer(t, Config{})
 	id := ts.register(t, "hostclient")
 	replies := map[string]map[string]any{}
-	ts.device(t, id, func(f relayRequest) string { return reply(f, replies[f.Path]) })
+	ts.device(t, id, func(f relay.Request) string { return reply(f, replies[f.Path]) })
 	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 
 	tests := []struct {
@@ -647,7 +648,7 @@ func TestRelayReplyHeaders(t *testing.T) {
 			"Service-Worker-Allowed":           "",
 			"Clear-Site-Data":                  "",
 			"Strict-Transport-Security":        "",
-			"Content-Security-Policy":          relaySandbox,
+			"Content-Security-Policy":          relay.Sandbox,
 			"Cache-Control":                    "private, max-age=31536000",
 			"Www-Authenticate":                 "",
 			"X-Connection-Id":                  "",
@@ -675,11 +676,11 @@ func TestRelayReplyHeaders(t *testing.T) {
 			"Vary":                    "Accept",
 			"X-Device":                "esp",
 			"Cache-Control":           "no-store",
-			"Content-Security-Policy": relaySandbox,
+			"Content-Security-Policy": relay.Sandbox,
 		}},
 		{"no-cache made private", 200, map[string]any{"Cache-Control": "no-cache, s-maxage=99, immutable"},
 			map[string]string{"Cache-Control": "private, no-cache"}},
-		{"no headers", 200, nil, map[string]string{"Cache-Control": "private", "Content-Security-Policy": relaySandbox}},
+		{"no headers", 200, nil, map[string]string{"Cache-Control": "private", "Content-Security-Policy": relay.Sandbox}},
 		{"Location on a redirect", 302, map[string]any{"Location": "/other"}, map[string]string{"Location": "/other"}},
 	}
 	for i, tt := range tests {

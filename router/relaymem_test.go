@@ -9,6 +9,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"wsrouter/router/relay"
 )
 
 // heapInUse is the live heap after a collection.
@@ -72,13 +73,13 @@ func TestRelayMemoryBounded(t *testing.T) {
 				}
 				// Measure while the round's requests are all pending.
 				eventually(t, "the round's requests pending", func() bool {
-					return ts.rt.relay.room(reg).pendingLen() == pending
+					return ts.rt.relay.PendingFor(reg) == pending
 				})
 				peak = max(peak, heapInUse())
 				cancel()
 				wg.Wait()
 				eventually(t, "the round's requests ended", func() bool {
-					return ts.rt.relay.room(reg).pendingLen() == 0
+					return ts.rt.relay.PendingFor(reg) == 0
 				})
 			}
 			// The frames of pending requests, the frames a stuck writer
@@ -91,12 +92,12 @@ func TestRelayMemoryBounded(t *testing.T) {
 			if grew > bound {
 				t.Fatalf("heap grew %d bytes, want at most %d", grew, bound)
 			}
-			if got, max := ts.rt.relay.mem.inUse(), int64(8<<20+pending*maxBody); got > max {
+			if got, max := ts.rt.relay.MemoryInUse(), int64(8<<20+pending*maxBody); got > max {
 				t.Fatalf("relay memory counted after every request ended: %d bytes, want at most a relay queue's worth", got)
 			}
 			// Once the device is gone, nothing is held.
 			dev.CloseNow()
-			eventually(t, "relay memory released", func() bool { return ts.rt.relay.mem.inUse() == 0 })
+			eventually(t, "relay memory released", func() bool { return ts.rt.relay.MemoryInUse() == 0 })
 		})
 	}
 }
@@ -109,7 +110,7 @@ func TestRelayMemoryCap(t *testing.T) {
 	const maxBody, limit = 64 << 10, 1 << 20
 	ts := newTestServer(t, Config{RelayMaxBody: maxBody, RelayMaxMemory: limit, RelayTimeout: testTimeout, TrustProxy: "X-Forwarded-For"})
 	id := ts.register(t, "hostclient")
-	_, frames := ts.device(t, id, func(relayRequest) string { return "" })
+	_, frames := ts.device(t, id, func(relay.Request) string { return "" })
 	body := bytes.Repeat([]byte("a"), maxBody)
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
@@ -166,77 +167,11 @@ func TestRelayMemoryCap(t *testing.T) {
 	if clients == 32 {
 		t.Fatal("32 clients each with pending requests: the process-wide limit never refused one")
 	}
-	if got := ts.rt.relay.mem.inUse(); got > limit {
+	if got := ts.rt.relay.MemoryInUse(); got > limit {
 		t.Fatalf("relay memory in use %d, over the limit %d", got, limit)
 	}
 	t.Logf("%d requests pending for the first client, %d clients before the process-wide limit refused one", a, clients)
 	cancel()
 	wg.Wait()
-	eventually(t, "relay memory released", func() bool { return ts.rt.relay.mem.inUse() == 0 })
-}
-
-// TestRelayLateRepliesRememberedByTime drives one registration at 50
-// requests a second for 70 s on a fake clock: every rid that ended less
-// than 60 s ago still claims its reply (the first release forgot all but the
-// last 1,024), and none older does.
-func TestRelayLateRepliesRememberedByTime(t *testing.T) {
-	rl := &relay{}
-	room := &relayRoom{rl: rl, pending: map[rid]*pendingRelay{}, lingering: map[rid]int64{}}
-	start := time.Unix(1_000_000, 0)
-	type done struct {
-		id rid
-		at time.Time
-	}
-	var finished []done
-	for i := range 50 * 70 {
-		now := start.Add(time.Duration(i) * 20 * time.Millisecond)
-		id := newRID()
-		if err := room.add(id, &pendingRelay{reply: make(chan relayOutcome, 1)}, 100, now); err != nil {
-			t.Fatalf("request %d: %v", i, err)
-		}
-		room.finish(id, now)
-		finished = append(finished, done{id, now})
-		// Spot checks: the rid 59.9 s old, and one 60 s old or more.
-		for _, back := range []int{2995, 3000, 3001} {
-			if back > i {
-				continue
-			}
-			d := finished[i-back]
-			want := now.Sub(d.at) < relayLinger
-			if got := room.claim(d.id.String(), nil, now); got != want {
-				t.Fatalf("at %v, reply for a request that ended %v ago: claimed %v, want %v", now.Sub(start), now.Sub(d.at), got, want)
-			}
-		}
-	}
-	if n := rl.lingering.Load(); n != 3000 {
-		t.Fatalf("remembered rids: got %d, want the last 60 s at 50/s (3000)", n)
-	}
-}
-
-// TestRelayRecentFull: a registration that has ended maxLingering requests
-// within the last minute refuses new ones (503) rather than forget a rid
-// early; a minute later it accepts again.
-func TestRelayRecentFull(t *testing.T) {
-	rl := &relay{}
-	room := &relayRoom{rl: rl, pending: map[rid]*pendingRelay{}, lingering: map[rid]int64{}}
-	now := time.Unix(1_000_000, 0)
-	for i := range maxLingering {
-		id := newRID()
-		if err := room.add(id, &pendingRelay{}, 100, now); err != nil {
-			t.Fatalf("request %d: %v", i, err)
-		}
-		room.finish(id, now)
-	}
-	if err := room.add(newRID(), &pendingRelay{}, 100, now.Add(59*time.Second)); err != errRelayRecent {
-		t.Fatalf("with %d rids from the last minute: got %v, want errRelayRecent", maxLingering, err)
-	}
-	if code, _ := relayStatus(errRelayRecent); code != http.StatusServiceUnavailable {
-		t.Fatalf("status: got %d, want 503", code)
-	}
-	if err := room.add(newRID(), &pendingRelay{}, 100, now.Add(relayLinger)); err != nil {
-		t.Fatalf("a minute later: got %v, want nil", err)
-	}
-	if n := rl.lingering.Load(); n != 0 {
-		t.Fatalf("remembered after expiry: %d", n)
-	}
+	eventually(t, "relay memory released", func() bool { return ts.rt.relay.MemoryInUse() == 0 })
 }

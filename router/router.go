@@ -12,6 +12,7 @@ import (
 	"github.com/julienschmidt/httprouter"
 
 	"wsrouter/registry"
+	"wsrouter/router/relay"
 )
 
 // Router is wsrouter's HTTP and WebSocket edge. It implements http.Handler.
@@ -23,7 +24,7 @@ type Router struct {
 	auth     authenticator
 	mux      *httprouter.Router
 	metrics  *metrics
-	relay    *relay
+	relay    *relay.Proxy
 	limits   *limits
 
 	baseCtx    context.Context // parent of every connection's context
@@ -51,7 +52,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	m := newMetrics()
 	rt := &Router{cfg: cfg, log: log, logs: newLimitedLog(log), metrics: m}
 	rt.auth = authenticator{rt}
-	rt.relay = &relay{rt: rt, now: time.Now, mem: newRelayMemory(cfg.RelayMaxMemory, cfg.RelayMaxBody)}
+	rt.relay = rt.newRelay()
 	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry
 	// The router observes the registry's lifecycle first (metrics, logs,
@@ -162,7 +163,7 @@ func (rt *Router) sweep() {
 		case <-limits.C:
 			rt.limits.sweep()
 		case <-relays.C:
-			rt.relay.sweep()
+			rt.relay.Sweep()
 		case <-rt.baseCtx.Done():
 			return
 		}
@@ -180,7 +181,7 @@ func (rt *Router) observe(ev registry.Event) {
 		if ev.Cause != registry.CauseShutdown {
 			rt.log.Info("removed", "reg", ev.Reg.ID, "cause", ev.Cause.String())
 		}
-		rt.relay.removed(ev.Reg, ev.Cause)
+		rt.relayRemoved(ev.Reg, ev.Cause)
 	}
 }
 

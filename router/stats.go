@@ -76,7 +76,7 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 		t.MessagesOut += out
 		reply.Registrations = append(reply.Registrations, rs)
 	})
-	reply.Totals.RelayPending = rt.relay.pendingCount()
+	reply.Totals.RelayPending = rt.relay.Pending()
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(reply)

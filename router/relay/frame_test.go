@@ -1,4 +1,4 @@
-package router
+package relay
 
 import (
 	"bytes"
@@ -44,10 +44,10 @@ func FuzzRelayReply(f *testing.F) {
 		if !found {
 			t.Fatalf("got rid %q, not a string rid of %q", rid, data)
 		}
-		resp, err := parseRelayReply(data, maxBody)
+		resp, err := parseReply(data, maxBody)
 		if err != nil {
-			if !errors.Is(err, errBadReply) {
-				t.Fatalf("error %v is not errBadReply", err)
+			if !errors.Is(err, ErrBadReply) {
+				t.Fatalf("error %v is not ErrBadReply", err)
 			}
 			return
 		}
@@ -92,11 +92,11 @@ func FuzzRelayRequest(f *testing.F) {
 		h.Set("Cookie", "c=1")
 		h.Set("X-Key", "k")
 		h.Set("X-Token", "t")
-		b, err := encodeRelayRequest("0123", method, path, query, h, body)
+		b, err := encodeRequest("0123", method, path, query, h, body)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var got relayRequest
+		var got Request
 		if err := json.Unmarshal(b, &got); err != nil {
 			t.Fatalf("frame is not JSON: %v", err)
 		}
@@ -110,7 +110,7 @@ func FuzzRelayRequest(f *testing.F) {
 		}
 		// The frame stays within the bound the relay charges for it.
 		r := &http.Request{Method: method, URL: &url.URL{Path: path, RawQuery: query.Encode()}, Header: h}
-		if bound := relayFrameBound(r, int64(len(body))); int64(len(b)) > bound {
+		if bound := frameBound(r, int64(len(body))); int64(len(b)) > bound {
 			t.Fatalf("frame of %d bytes over its bound %d", len(b), bound)
 		}
 		var gotBody []byte
@@ -158,14 +158,14 @@ func TestRelayFrameSize(t *testing.T) {
 		{"line separators", bytes.Repeat([]byte("\u2028"), n/3), true},
 		{"binary", bytes.Repeat([]byte{0xff}, n), true},
 	} {
-		b, err := encodeRelayRequest("0123", "POST", "/", nil, nil, tt.body)
+		b, err := encodeRequest("0123", "POST", "/", nil, nil, tt.body)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if max := len(tt.body)*4/3 + 200; len(b) > max {
 			t.Errorf("%s: frame of %d bytes for a %d-byte body, want at most %d", tt.name, len(b), len(tt.body), max)
 		}
-		var got relayRequest
+		var got Request
 		if err := json.Unmarshal(b, &got); err != nil {
 			t.Fatalf("%s: %v", tt.name, err)
 		}

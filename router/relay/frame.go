@@ -1,4 +1,4 @@
-package router
+package relay
 
 import (
 	"bytes"
@@ -13,8 +13,9 @@ import (
 	"unicode/utf8"
 )
 
-// relayRequest is the text frame a relayed HTTP request becomes (docs/protocol.md §7).
-type relayRequest struct {
+// Request is the text frame a relayed HTTP request becomes
+// (docs/protocol.md §7.1): what a device receives.
+type Request struct {
 	RID          string            `json:"rid"`
 	Method       string            `json:"method"`
 	Path         string            `json:"path"`
@@ -61,11 +62,11 @@ var routerHeaders = map[string]bool{
 // LiteSpeed's likewise): a device must not steer the proxy.
 var proxyControlPrefixes = []string{"X-Accel-", "X-Sendfile", "X-Litespeed-", "X-Lighttpd-"}
 
-// relaySandbox is the Content-Security-Policy of every relay answer: a page
+// Sandbox is the Content-Security-Policy of every relay answer: a page
 // from a device runs scripts in an opaque origin, so it can reach neither
 // the router's origin (other registrations' pages, their keys in URLs) nor
 // its storage.
-const relaySandbox = "sandbox allow-scripts allow-forms allow-popups"
+const Sandbox = "sandbox allow-scripts allow-forms allow-popups"
 
 // replyHeaderAllowed reports whether a reply with status may set header k
 // (canonical).
@@ -117,7 +118,7 @@ func cacheControl(vals []string) string {
 	return strings.Join(keep, ", ")
 }
 
-// encodeRelayRequest turns an HTTP request (its body already read) into the
+// encodeRequest turns an HTTP request (its body already read) into the
 // frame for the device. path is the part after /relay/{id}; query has the
 // key already removed.
 //
@@ -125,9 +126,9 @@ func cacheControl(vals []string) string {
 // escaped (json.Marshal would turn each <, > and & into six bytes), and a
 // body whose JSON string would be larger than its base64 (control
 // characters cost six bytes each) is sent as base64, as a body that is not
-// UTF-8 is. relayFrameBound gives the bound.
-func encodeRelayRequest(rid, method, path string, query url.Values, h http.Header, body []byte) ([]byte, error) {
-	f := relayRequest{RID: rid, Method: method, Path: path}
+// UTF-8 is. frameBound gives the bound.
+func encodeRequest(rid, method, path string, query url.Values, h http.Header, body []byte) ([]byte, error) {
+	f := Request{RID: rid, Method: method, Path: path}
 	if len(query) > 0 {
 		f.Query = make(map[string]any, len(query))
 		for k, vs := range query {
@@ -155,7 +156,7 @@ func encodeRelayRequest(rid, method, path string, query url.Values, h http.Heade
 		f.Body = &s
 	}
 	var buf bytes.Buffer
-	buf.Grow(relayFrameSize(&f))
+	buf.Grow(frameSize(&f))
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
 	if err := enc.Encode(f); err != nil {
@@ -181,8 +182,8 @@ func jsonStringLen(b []byte) int {
 	return n
 }
 
-// relayFrameSize estimates the encoded size of f, to size the buffer once.
-func relayFrameSize(f *relayRequest) int {
+// frameSize estimates the encoded size of f, to size the buffer once.
+func frameSize(f *Request) int {
 	n := 128 + len(f.Path) + len(f.Method)
 	for k, v := range f.Headers {
 		n += len(k) + len(v) + 8
@@ -193,10 +194,10 @@ func relayFrameSize(f *relayRequest) int {
 	return n
 }
 
-// relayFrameBound bounds the frame of r with a body of up to maxBody bytes:
+// frameBound bounds the frame of r with a body of up to maxBody bytes:
 // the body at 4/3 (base64, or a string no longer than that), and everything
 // else of the request at six bytes per byte (the worst escape).
-func relayFrameBound(r *http.Request, maxBody int64) int64 {
+func frameBound(r *http.Request, maxBody int64) int64 {
 	n := int64(len(r.Method)+len(r.URL.Path)+len(r.URL.RawQuery)) + 256
 	for k, vs := range r.Header {
 		n += int64(len(k)) + 4
@@ -233,16 +234,16 @@ func endToEnd(h http.Header, drop map[string]bool) http.Header {
 	return out
 }
 
-// relayResponse is a device's answer mapped to HTTP.
-type relayResponse struct {
+// response is a device's answer mapped to HTTP.
+type response struct {
 	status int
 	header http.Header
 	body   []byte
 }
 
-// errBadReply means the device answered with a frame whose fields cannot be
+// ErrBadReply means the device answered with a frame whose fields cannot be
 // used: the caller gets 502.
-var errBadReply = errors.New("unusable relay reply")
+var ErrBadReply = errors.New("unusable relay reply")
 
 // typeNames maps the reply's short type names to Content-Types (docs/protocol.md §7).
 var typeNames = map[string]string{
@@ -269,14 +270,14 @@ type replyFrame struct {
 	Headers  json.RawMessage `json:"headers"`
 }
 
-// parseRelayReply maps a device's reply frame (a JSON object, as replyRID
+// parseReply maps a device's reply frame (a JSON object, as replyRID
 // found) to an HTTP response (docs/protocol.md §7). maxBody bounds the decoded body.
-func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
+func parseReply(data []byte, maxBody int64) (*response, error) {
 	var f replyFrame
 	if err := json.Unmarshal(data, &f); err != nil {
-		return nil, fmt.Errorf("%w: %v", errBadReply, err)
+		return nil, fmt.Errorf("%w: %v", ErrBadReply, err)
 	}
-	resp := &relayResponse{status: http.StatusOK, header: http.Header{}}
+	resp := &response{status: http.StatusOK, header: http.Header{}}
 
 	if raw := bytes.TrimSpace(f.Status); len(raw) > 0 {
 		// Only a JSON number counts: json.Number would also take "404".
@@ -285,7 +286,7 @@ func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 				if v < 200 {
 					// A 1xx cannot be the final status of an HTTP
 					// response, so the reply is unusable.
-					return nil, fmt.Errorf("%w: status %d", errBadReply, v)
+					return nil, fmt.Errorf("%w: status %d", ErrBadReply, v)
 				}
 				resp.status = int(v)
 			}
@@ -304,7 +305,7 @@ func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 			if encoding == "base64" {
 				b, err := decodeBase64(s)
 				if err != nil {
-					return nil, fmt.Errorf("%w: content is not base64", errBadReply)
+					return nil, fmt.Errorf("%w: content is not base64", ErrBadReply)
 				}
 				resp.body = b
 			} else {
@@ -317,7 +318,7 @@ func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 	} else {
 		var legacy map[string]json.RawMessage
 		if err := json.Unmarshal(data, &legacy); err != nil {
-			return nil, fmt.Errorf("%w: %v", errBadReply, err)
+			return nil, fmt.Errorf("%w: %v", ErrBadReply, err)
 		}
 		for k := range legacy {
 			// Keys match as encoding/json matches them above: ignoring
@@ -328,13 +329,13 @@ func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 		}
 		b, err := json.Marshal(legacy)
 		if err != nil {
-			return nil, fmt.Errorf("%w: %v", errBadReply, err)
+			return nil, fmt.Errorf("%w: %v", ErrBadReply, err)
 		}
 		resp.body = b
 		isJSON = true
 	}
 	if int64(len(resp.body)) > maxBody {
-		return nil, fmt.Errorf("%w: body of %d bytes over %d", errBadReply, len(resp.body), maxBody)
+		return nil, fmt.Errorf("%w: body of %d bytes over %d", ErrBadReply, len(resp.body), maxBody)
 	}
 
 	if f.Headers != nil {
@@ -343,7 +344,7 @@ func parseRelayReply(data []byte, maxBody int64) (*relayResponse, error) {
 		}
 	}
 	resp.header.Set("Cache-Control", cacheControl(resp.header.Values("Cache-Control")))
-	resp.header.Set("Content-Security-Policy", relaySandbox)
+	resp.header.Set("Content-Security-Policy", Sandbox)
 
 	var typ string
 	json.Unmarshal(f.Type, &typ) // absent or not a string: no type
@@ -377,7 +378,7 @@ func decodeBase64(s string) ([]byte, error) {
 func copyReplyHeaders(h http.Header, raw json.RawMessage, status int) error {
 	var hs map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &hs); err != nil {
-		return fmt.Errorf("%w: headers is not an object", errBadReply)
+		return fmt.Errorf("%w: headers is not an object", ErrBadReply)
 	}
 	for k, v := range hs {
 		if !validHeaderName(k) {
