@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"wsrouter/registry"
+	"wsrouter/router/relay"
 )
 
 // Config holds the router's limits and timeouts. The zero value of a field
@@ -96,18 +97,18 @@ func (c *Config) setDefaults() {
 		c.PingTimeout = 30 * time.Second
 	}
 	if c.RelayTimeout <= 0 {
-		c.RelayTimeout = 10 * time.Second
+		c.RelayTimeout = relay.DefaultTimeout
 	}
 	if c.RelayMaxBody <= 0 {
-		c.RelayMaxBody = 1 << 20
+		c.RelayMaxBody = relay.DefaultMaxBody
 	}
 	if c.RelayMaxPending <= 0 {
-		c.RelayMaxPending = 100
+		c.RelayMaxPending = relay.DefaultMaxPending
 	}
 	if c.RelayQueueBytes <= 0 {
 		c.RelayQueueBytes = max(8<<20, 3*c.RelayMaxBody)
 	}
 	if c.RelayMaxMemory <= 0 {
-		c.RelayMaxMemory = 256 << 20
+		c.RelayMaxMemory = relay.DefaultMaxMemory
 	}
 }

@@ -77,6 +77,14 @@ func (f *Frame) Done() {
 	})
 }
 
+// The defaults of Proxy's limits, for its zero values.
+const (
+	DefaultTimeout    = 10 * time.Second
+	DefaultMaxBody    = 1 << 20
+	DefaultMaxPending = 100
+	DefaultMaxMemory  = 256 << 20
+)
+
 // Target is where Route sends a request.
 type Target struct {
 	// Reg is the registration (hostclient) and Host the host picked in it.
@@ -134,16 +142,16 @@ type Proxy struct {
 func (p *Proxy) init() {
 	p.initOnce.Do(func() {
 		if p.Timeout <= 0 {
-			p.Timeout = 10 * time.Second
+			p.Timeout = DefaultTimeout
 		}
 		if p.MaxBody <= 0 {
-			p.MaxBody = 1 << 20
+			p.MaxBody = DefaultMaxBody
 		}
 		if p.MaxPending <= 0 {
-			p.MaxPending = 100
+			p.MaxPending = DefaultMaxPending
 		}
 		if p.MaxMemory <= 0 {
-			p.MaxMemory = 256 << 20
+			p.MaxMemory = DefaultMaxMemory
 		}
 		if p.Now == nil {
 			p.Now = time.Now
