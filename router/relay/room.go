@@ -17,11 +17,14 @@ const lingerFor = 60 * time.Second
 // Finished rids are remembered for the whole of lingerFor, never fewer:
 // when a registration has maxLingering of them (or the process
 // maxLingeringTotal) new relay requests are refused with 503 until the
-// oldest expire. At the default per-address rate (20/s) one caller leaves
-// 1,200 a minute; an entry costs about 60 bytes.
-const (
-	maxLingering      = 1 << 14
-	maxLingeringTotal = 1 << 20
+// oldest expire. An entry costs about 45 bytes, so the process holds at most
+// about 90 MB of them; a registration may sustain 17,000 relay requests a
+// second (more than one node serves) before it is refused, where one caller
+// at the default per-address rate (20/s) leaves 1,200 a minute. Variables
+// only so that a test can lower them.
+var (
+	maxLingering      = 1 << 20
+	maxLingeringTotal = int64(1 << 21)
 )
 
 // rid is a relay request's correlation id: 16 random bytes, 32 hex digits

@@ -48,6 +48,8 @@ func TestRelayLateRepliesRememberedByTime(t *testing.T) {
 // within the last minute refuses new ones (503) rather than forget a rid
 // early; a minute later it accepts again.
 func TestRelayRecentFull(t *testing.T) {
+	defer func(n int) { maxLingering = n }(maxLingering)
+	maxLingering = 1000
 	p := &Proxy{}
 	room := &room{p: p, pending: map[rid]*pending{}, lingering: map[rid]int64{}}
 	now := time.Unix(1_000_000, 0)
