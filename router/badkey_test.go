@@ -1,10 +1,15 @@
 package router
 
 import (
+	"bytes"
+	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -171,5 +176,54 @@ func TestRemoveTimingTellsNothing(t *testing.T) {
 		if med < 1/1.2 || med > 1.2 {
 			t.Errorf("/remove with %s: %.2f× the time of %s, want within 20 %%", c.name, med, cases[0].name)
 		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the logger's concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestFailedKeysLogged: wrong keys and lockouts are logged at warn with the
+// client's address and never the key, and a flood of them writes a bounded
+// number of lines.
+func TestFailedKeysLogged(t *testing.T) {
+	var logs syncBuffer
+	rt := New(Config{RateBadKey: Limit{Rate: 0.2, Burst: 3}, Registry: registry.Config{BcryptCost: 4, GCGrace: time.Hour}},
+		slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	srv := httptest.NewServer(rt)
+	t.Cleanup(func() { rt.Shutdown(context.Background()); srv.Close() })
+	ts := &testServer{Server: srv, rt: rt}
+	id := ts.register(t, "hostclient")
+	const guesses = 500
+	for i := range guesses {
+		ts.do(t, "GET", relayURL(id, "/", url.Values{"key": {fmt.Sprintf("guess-%04d", i)}}), nil, nil)
+	}
+	out := logs.String()
+	lines := strings.Count(out, "\n")
+	if !strings.Contains(out, `msg="key check failed" endpoint=relay client=127.0.0.1 reg=`+id) {
+		t.Errorf("no key check failed line for the first wrong key in:\n%s", out)
+	}
+	if !strings.Contains(out, `msg="client locked out after failed key checks" endpoint=relay client=127.0.0.1`) {
+		t.Errorf("no lockout line in:\n%s", out)
+	}
+	if strings.Contains(out, "guess-") {
+		t.Errorf("a key reached the log:\n%s", out)
+	}
+	if lines > 25 {
+		t.Errorf("%d wrong keys wrote %d log lines, want a bounded few (rate-limited)", guesses, lines)
 	}
 }
