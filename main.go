@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"time"
 
+	"wsrouter/registry"
+	"wsrouter/registry/boltstore"
 	"wsrouter/router"
 )
 
@@ -71,6 +73,7 @@ type options struct {
 	drainDelay      time.Duration
 	debugAddr       string
 	version         bool
+	data            string // -data: the registrations' file; "" keeps them in memory
 
 	router  router.Config // router.Registry holds the registry's flags
 	origins string
@@ -98,6 +101,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take once members are being closed")
 	fs.DurationVar(&o.drainDelay, "drain-delay", 0, "on SIGINT/SIGTERM, keep serving this long with /healthz and /register answering 503 before closing members, so a load balancer can take this instance out first (0: close at once)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit (not read from the environment)")
+	fs.StringVar(&o.data, "data", "wsrouter.db", `file that keeps registrations across restarts (one process per file; "": memory only)`)
 
 	rc, gc := &o.router, &o.router.Registry
 	fs.Int64Var(&rc.MaxMessage, "max-message", 1<<20, "largest data message in bytes; a larger one closes its sender with 1009")
@@ -253,6 +257,9 @@ var listen = net.Listen
 // then members closed with 1001 within -shutdown-timeout. -h and -version
 // write to stdout; logs, and a bad command line, go to stderr.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "backup" {
+		return runBackup(args[1:], stdout, stderr)
+	}
 	o, err := parseFlags(args, stdout)
 	var ue usageError
 	switch {
@@ -297,7 +304,27 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		defer dln.Close()
 	}
 
+	// Registrations that outlive the process: the file is opened (and
+	// locked) before anything is served, and read once.
+	var recs []registry.Record
+	if o.data != "" {
+		store, err := boltstore.Open(o.data)
+		if err != nil {
+			return err
+		}
+		defer store.Close()
+		start := time.Now()
+		if recs, err = store.Load(ctx); err != nil {
+			return err
+		}
+		o.router.Registry.Store = store
+		o.router.Backup = store.Backup
+		log.Info("data file opened", "path", o.data, "registrations", len(recs), "took", time.Since(start))
+	}
 	rt := router.New(o.router, log)
+	if err := restore(rt.Registry(), recs, log); err != nil {
+		return err
+	}
 	newServer := func(h http.Handler) *http.Server {
 		return &http.Server{
 			Handler:           h,
@@ -470,6 +497,55 @@ func (b buildInfo) attrs() slog.Attr {
 		as = append(as, "vcs.modified", b.modified == "true")
 	}
 	return slog.Group("build", append(as, "go", b.goVersion)...)
+}
+
+// restoreChunk is how many registrations restore makes live between two
+// progress lines.
+const restoreChunk = 50000
+
+// restore makes the stored registrations live again, each as never joined
+// (removed after -unused-ttl unless someone joins), with a progress line
+// per restoreChunk for a large store.
+func restore(reg *registry.Registry, recs []registry.Record, log *slog.Logger) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	start := time.Now()
+	for i := 0; i < len(recs); i += restoreChunk {
+		if err := reg.Restore(recs[i:min(i+restoreChunk, len(recs))]); err != nil {
+			return fmt.Errorf("restore: %w", err)
+		}
+		if len(recs) > restoreChunk {
+			log.Info("restoring registrations", "done", min(i+restoreChunk, len(recs)), "of", len(recs))
+		}
+	}
+	log.Info("registrations restored", "count", len(recs), "took", time.Since(start))
+	return nil
+}
+
+// runBackup is "wsrouter backup -data FILE -out COPY": a consistent copy of a
+// data file no router is using. A running router is backed up through its
+// GET /backup with the admin token instead (docs/operations.md).
+func runBackup(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("wsrouter backup", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	data := fs.String("data", "wsrouter.db", "the data file to copy")
+	out := fs.String("out", "", "where to write the copy (must not exist)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *out == "" {
+		return errors.New("backup: -out is required")
+	}
+	n, err := boltstore.BackupFile(*data, *out)
+	if errors.Is(err, boltstore.ErrLocked) {
+		return fmt.Errorf("backup: %w: a running router is backed up with GET /backup and its admin token", err)
+	}
+	if err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	fmt.Fprintf(stdout, "wrote %s (%d bytes)\n", *out, n)
+	return nil
 }
 
 // limitAttrs are the limits in force, for the startup line: what an operator

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"runtime/debug"
 	"strings"
 	"sync"
@@ -606,4 +607,15 @@ func TestServeFailureShutsDown(t *testing.T) {
 	if err := stop(); !errors.Is(err, errAcceptBroken) {
 		t.Fatalf("run returned %v, want %v", err, errAcceptBroken)
 	}
+}
+
+// TestMain keeps the registrations of every test in memory unless the test
+// asks for a file (-data on its command line wins over the environment):
+// the default, wsrouter.db in the working directory, would be shared by the
+// tests and left in the source tree.
+func TestMain(m *testing.M) {
+	if _, ok := os.LookupEnv("WSROUTER_DATA"); !ok {
+		os.Setenv("WSROUTER_DATA", "")
+	}
+	os.Exit(m.Run())
 }

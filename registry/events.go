@@ -54,6 +54,9 @@ type Event struct {
 	Closure Closure
 	// Cause is why the registration was removed.
 	Cause Cause
+	// Restored marks the create event of a registration brought back
+	// from the store at start rather than made by /register.
+	Restored bool
 }
 
 // Observer receives lifecycle events. It must not block for long: the next

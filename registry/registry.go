@@ -252,7 +252,7 @@ func (r *Registry) add(rec Record, fresh bool) (*Registration, error) {
 	r.regs[rec.ID] = reg
 	// Queued before anyone else can see reg, so it is its first event.
 	reg.mu.Lock()
-	reg.eventLocked(Event{Kind: EventCreate})
+	reg.eventLocked(Event{Kind: EventCreate, Restored: !fresh})
 	reg.mu.Unlock()
 	r.mu.Unlock()
 	reg.notify()

@@ -104,6 +104,9 @@ func New(cfg Config, log *slog.Logger) *Router {
 	mux.Handler(http.MethodGet, "/metrics", m.handler())
 	if cfg.AdminToken != "" {
 		mux.HandlerFunc(http.MethodGet, "/stats", rt.serveStats)
+		if cfg.Backup != nil {
+			mux.HandlerFunc(http.MethodGet, "/backup", rt.serveBackup)
+		}
 	}
 	rt.mux = mux
 	return rt
@@ -174,6 +177,9 @@ func (rt *Router) sweep() {
 func (rt *Router) observe(ev registry.Event) {
 	switch ev.Kind {
 	case registry.EventCreate:
+		if ev.Restored {
+			return // counted and logged in one line by whoever restores
+		}
 		rt.metrics.registered(ev.Reg.Type)
 		rt.log.Info("registered", "reg", ev.Reg.ID, "type", ev.Reg.Type.String())
 	case registry.EventRemove:

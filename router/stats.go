@@ -37,14 +37,7 @@ type regStats struct {
 // serveStats answers /stats for the admin token's bearer only (docs/protocol.md §8).
 // Without an admin token the route does not exist (404).
 func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
-	if err := rt.auth.admin(r, "stats", readBearer(r)); err != nil {
-		if !errors.Is(err, errUnauthorized) {
-			rt.refuse(w, "stats", err)
-			return
-		}
-		rt.metrics.refused("stats", http.StatusUnauthorized)
-		w.Header().Set("WWW-Authenticate", `Bearer realm="wsrouter"`)
-		http.Error(w, "unauthorized", http.StatusUnauthorized)
+	if !rt.requireAdmin(w, r, "stats") {
 		return
 	}
 	reply := statsReply{
@@ -80,4 +73,35 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(reply)
+}
+
+// serveBackup streams a consistent copy of the data file to the admin
+// token's bearer (docs/operations.md, "Backups"), while the router serves.
+func (rt *Router) serveBackup(w http.ResponseWriter, r *http.Request) {
+	if !rt.requireAdmin(w, r, "backup") {
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Disposition", `attachment; filename="wsrouter.db"`)
+	w.Header().Set("Cache-Control", "no-store")
+	if _, err := rt.cfg.Backup(w); err != nil {
+		rt.log.Warn("backup failed", "err", err)
+	}
+}
+
+// requireAdmin answers a request without the admin token (401, or 429 for
+// an address locked out) and reports whether it may go on.
+func (rt *Router) requireAdmin(w http.ResponseWriter, r *http.Request, endpoint string) bool {
+	err := rt.auth.admin(r, endpoint, readBearer(r))
+	switch {
+	case err == nil:
+		return true
+	case errors.Is(err, errUnauthorized):
+		rt.metrics.refused(endpoint, http.StatusUnauthorized)
+		w.Header().Set("WWW-Authenticate", `Bearer realm="wsrouter"`)
+		http.Error(w, "unauthorized", http.StatusUnauthorized)
+	default:
+		rt.refuse(w, endpoint, err)
+	}
+	return false
 }

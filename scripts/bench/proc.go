@@ -133,6 +133,9 @@ func serverEnv(base []string) []string {
 		"WSROUTER_RATE_RELAY=0",
 		"WSROUTER_RATE_BADKEY=0",
 		"WSROUTER_RATE_MESSAGE=0",
+		// Memory only, unless a scenario passes -data: a data file would
+		// carry registrations from one run into the next.
+		"WSROUTER_DATA=",
 	)
 }
 

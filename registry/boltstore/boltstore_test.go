@@ -1,0 +1,214 @@
+package boltstore
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"wsrouter/registry"
+)
+
+func rec(id string, gen uint64) registry.Record {
+	return registry.Record{
+		ID: id, Type: registry.HostClient, Created: time.Unix(1_700_000_000, 0).UTC(),
+		KeyHash: []byte("$2a$04$key"), HostKeyHash: []byte("$2a$04$host"), Generation: gen,
+	}
+}
+
+func openTemp(t *testing.T) *Store {
+	t.Helper()
+	s, err := Open(filepath.Join(t.TempDir(), "wsrouter.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// TestStoreContract runs the same steps against the memory store and the
+// file store: both must answer alike.
+func TestStoreContract(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		store func(t *testing.T) registry.Store
+	}{
+		{"memory", func(*testing.T) registry.Store { return &registry.MemoryStore{} }},
+		{"bolt", func(t *testing.T) registry.Store { return openTemp(t) }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := context.Background()
+			s := tt.store(t)
+			if err := s.Put(ctx, rec("a", 1)); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Put(ctx, rec("b", 2)); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Put(ctx, rec("a", 3)); !errors.Is(err, registry.ErrExists) {
+				t.Fatalf("Put of a stored id: got %v, want ErrExists", err)
+			}
+			if err := s.Delete(ctx, registry.Ref{ID: "a", Generation: 99}); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Delete(ctx, registry.Ref{ID: "nobody", Generation: 1}); err != nil {
+				t.Fatalf("Delete of nothing: got %v, want nil", err)
+			}
+			got, err := s.Load(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			slices.SortFunc(got, func(x, y registry.Record) int { return strings.Compare(x.ID, y.ID) })
+			want := []registry.Record{rec("a", 1), rec("b", 2)}
+			if len(got) != 2 || !equal(got[0], want[0]) || !equal(got[1], want[1]) {
+				t.Fatalf("Load after a Delete of another generation: got %+v, want %+v", got, want)
+			}
+			if err := s.Delete(ctx, registry.Ref{ID: "a", Generation: 1}); err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := s.Load(ctx); len(got) != 1 || got[0].ID != "b" {
+				t.Fatalf("Load after Delete: got %+v, want b only", got)
+			}
+		})
+	}
+}
+
+func equal(a, b registry.Record) bool {
+	return a.ID == b.ID && a.Type == b.Type && a.Created.Equal(b.Created) && a.Generation == b.Generation &&
+		string(a.KeyHash) == string(b.KeyHash) && string(a.HostKeyHash) == string(b.HostKeyHash)
+}
+
+func TestReopenKeeps(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "x.db")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(ctx, rec("kept", 7)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got, _ := s.Load(ctx); len(got) != 1 || !equal(got[0], rec("kept", 7)) {
+		t.Fatalf("after reopening: got %+v", got)
+	}
+}
+
+func TestOpenRefuses(t *testing.T) {
+	dir := t.TempDir()
+	held := filepath.Join(dir, "held.db")
+	s, err := Open(held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+
+	garbage := filepath.Join(dir, "garbage.db")
+	os.WriteFile(garbage, []byte(strings.Repeat("not a database ", 1000)), 0o600)
+
+	truncated := filepath.Join(dir, "truncated.db")
+	{
+		path := filepath.Join(dir, "full.db")
+		full, err := Open(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 100 {
+			full.Put(context.Background(), rec(strings.Repeat("x", 10)+string(rune('a'+i%26))+string(rune('a'+i/26)), uint64(i+1)))
+		}
+		full.Close()
+		b, _ := os.ReadFile(path)
+		os.WriteFile(truncated, b[:len(b)/3], 0o600)
+	}
+
+	newer := filepath.Join(dir, "newer.db")
+	{
+		db, err := bolt.Open(newer, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bolt.Tx) error {
+			m, _ := tx.CreateBucket(bucketMeta)
+			tx.CreateBucket(bucketRegs)
+			return m.Put(keySchema, []byte("99"))
+		})
+		db.Close()
+	}
+	foreign := filepath.Join(dir, "foreign.db")
+	{
+		db, err := bolt.Open(foreign, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucket([]byte("other")); return err })
+		db.Close()
+	}
+
+	for _, tt := range []struct {
+		name, path, want string
+	}{
+		{"held by another process", held, "another wsrouter holds the data file"},
+		{"not a database", garbage, "garbage.db"},
+		{"truncated", truncated, "truncated.db"},
+		{"newer schema", newer, "newer wsrouter"},
+		{"another program's bolt file", foreign, "not a wsrouter data file"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			s, err := Open(tt.path)
+			if err == nil {
+				s.Close()
+				t.Fatalf("Open: got nil, want an error")
+			}
+			if !strings.Contains(err.Error(), tt.want) || !strings.Contains(err.Error(), filepath.Base(tt.path)) {
+				t.Fatalf("Open: got %q, want it to name the file and say %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestBackup(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "live.db")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Put(ctx, rec("a", 1))
+	s.Close()
+	out := filepath.Join(dir, "copy.db")
+	if _, err := BackupFile(path, out); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := BackupFile(path, out); err == nil {
+		t.Fatal("BackupFile over an existing file: got nil, want an error")
+	}
+	c, err := Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, _ := c.Load(ctx); len(got) != 1 || !equal(got[0], rec("a", 1)) {
+		t.Fatalf("copy holds %+v", got)
+	}
+	// A file a router holds is refused, with what to do instead.
+	held, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if _, err := BackupFile(path, filepath.Join(dir, "copy2.db")); !errors.Is(err, ErrLocked) {
+		t.Fatalf("BackupFile of a held file: got %v, want ErrLocked", err)
+	}
+}
