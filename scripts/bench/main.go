@@ -20,6 +20,8 @@
 //	         key)
 //	pair     -pairs P hostclient registrations, the client sends, the host
 //	         echoes: round trips/s and RTT
+//	register -c concurrent /register of fresh lobbies (wsrouter only; with
+//	         -server-flags "-data FILE" the records go to a data file)
 //	storm    -n members connect at once to one registration nobody joined
 //	         yet (a fleet after a restart): admitted, refused, time to all in
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
@@ -76,6 +78,7 @@ var scenarios = []scenario{
 	{"connect", "connect+close churn, fresh registrations (bcrypt) or one (remembered key): connects/s", newConnect},
 	{"pair", "hostclient pairs ping-ponging: round trips/s, RTT", newPair},
 	{"relay", "HTTP requests relayed to a host, beside a direct HTTP server: round trips/s, latency", newRelay},
+	{"register", "fresh registrations at concurrency -c (-targets wsrouter; -server-flags \"-data FILE\" for a data file): registers/s", newRegister},
 	{"storm", "many first connects at once to one registration (one key, one bcrypt): admitted, refused, seconds until all are in", newStorm},
 }
 
