@@ -140,10 +140,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			// device leaves.
 			c.hostKey = rand.Text()
 		}
-		if c.id, err = register(ctx, c); err != nil {
+		id, err := register(ctx, c)
+		var se *statusError
+		switch {
+		case errors.As(err, &se) && se.code == http.StatusConflict && c.id != "":
+			// The router kept the registration from an earlier run (it
+			// keeps registrations across restarts): join it. A different
+			// key is then a 403 at connect.
+			fmt.Fprintln(stdout, "already registered:", c.id)
+		case err != nil:
 			return err
+		default:
+			c.id = id
+			fmt.Fprintln(stdout, "registered", c.id)
 		}
-		fmt.Fprintln(stdout, "registered", c.id)
 	}
 	d := &device{start: time.Now()}
 	return d.run(ctx, c, stdout)

@@ -1,6 +1,6 @@
 // Package boltstore keeps registration records in one file with bbolt
 // (go.etcd.io/bbolt: pure Go, transactions, no server), so that
-// registrations outlive the process (docs/protocol.md §14 and
+// registrations outlive the process (docs/protocol.md §8.8 and
 // docs/operations.md, "Registrations that survive restarts").
 //
 // The file holds a bucket "meta" with the schema version and a bucket
