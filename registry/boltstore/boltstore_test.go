@@ -5,22 +5,16 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	bolt "go.etcd.io/bbolt"
 
 	"wsrouter/registry"
+	"wsrouter/registry/storetest"
 )
 
-func rec(id string, gen uint64) registry.Record {
-	return registry.Record{
-		ID: id, Type: registry.HostClient, Created: time.Unix(1_700_000_000, 0).UTC(),
-		KeyHash: []byte("$2a$04$key"), HostKeyHash: []byte("$2a$04$host"), Generation: gen,
-	}
-}
+var rec, equal = storetest.Record, storetest.Equal
 
 func openTemp(t *testing.T) *Store {
 	t.Helper()
@@ -32,56 +26,15 @@ func openTemp(t *testing.T) *Store {
 	return s
 }
 
-// TestStoreContract runs the same steps against the memory store and the
-// file store: both must answer alike.
+// TestStoreContract runs the conformance suite against the memory store
+// and the file store.
 func TestStoreContract(t *testing.T) {
-	for _, tt := range []struct {
-		name  string
-		store func(t *testing.T) registry.Store
-	}{
-		{"memory", func(*testing.T) registry.Store { return &registry.MemoryStore{} }},
-		{"bolt", func(t *testing.T) registry.Store { return openTemp(t) }},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			ctx := context.Background()
-			s := tt.store(t)
-			if err := s.Put(ctx, rec("a", 1)); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Put(ctx, rec("b", 2)); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Put(ctx, rec("a", 3)); !errors.Is(err, registry.ErrExists) {
-				t.Fatalf("Put of a stored id: got %v, want ErrExists", err)
-			}
-			if err := s.Delete(ctx, registry.Ref{ID: "a", Generation: 99}); err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Delete(ctx, registry.Ref{ID: "nobody", Generation: 1}); err != nil {
-				t.Fatalf("Delete of nothing: got %v, want nil", err)
-			}
-			got, err := s.Load(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
-			slices.SortFunc(got, func(x, y registry.Record) int { return strings.Compare(x.ID, y.ID) })
-			want := []registry.Record{rec("a", 1), rec("b", 2)}
-			if len(got) != 2 || !equal(got[0], want[0]) || !equal(got[1], want[1]) {
-				t.Fatalf("Load after a Delete of another generation: got %+v, want %+v", got, want)
-			}
-			if err := s.Delete(ctx, registry.Ref{ID: "a", Generation: 1}); err != nil {
-				t.Fatal(err)
-			}
-			if got, _ := s.Load(ctx); len(got) != 1 || got[0].ID != "b" {
-				t.Fatalf("Load after Delete: got %+v, want b only", got)
-			}
-		})
-	}
-}
-
-func equal(a, b registry.Record) bool {
-	return a.ID == b.ID && a.Type == b.Type && a.Created.Equal(b.Created) && a.Generation == b.Generation &&
-		string(a.KeyHash) == string(b.KeyHash) && string(a.HostKeyHash) == string(b.HostKeyHash)
+	t.Run("memory", func(t *testing.T) {
+		storetest.Run(t, func(*testing.T) registry.Store { return &registry.MemoryStore{} })
+	})
+	t.Run("bolt", func(t *testing.T) {
+		storetest.Run(t, func(t *testing.T) registry.Store { return openTemp(t) })
+	})
 }
 
 func TestReopenKeeps(t *testing.T) {
