@@ -466,19 +466,27 @@ func get(t *testing.T, url string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// lobbyQuery registers with key k and host key hk.
+var lobbyQuery = url.Values{"key": {"k"}, "host_key": {"hk"}, "reg_type": {"lobby"}}
+
+// joinNewLobby registers a lobby (key "k") and returns its /connect URL.
+func joinNewLobby(t *testing.T, base string) string {
+	t.Helper()
+	code, id := get(t, base+"/register?"+lobbyQuery.Encode())
+	if code != 200 {
+		t.Fatalf("register: got %d %q, want 200", code, id)
+	}
+	return "ws" + strings.TrimPrefix(base, "http") + "/connect?" + url.Values{"id": {id}, "key": {"k"}}.Encode()
+}
+
 func TestDrainDelay(t *testing.T) {
 	// Long enough for the checks below on a loaded machine; they only
 	// have to start and finish inside it.
 	const delay = 4 * time.Second
 	base, lines, stop := startProgram(t, "-drain-delay", delay.String(), "-bcrypt-cost", "4")
-	q := url.Values{"key": {"k"}, "host_key": {"hk"}, "reg_type": {"lobby"}}
-	code, id := get(t, base+"/register?"+q.Encode())
-	if code != 200 {
-		t.Fatalf("register: got %d %q, want 200", code, id)
-	}
+	join := joinNewLobby(t, base)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	join := "ws" + strings.TrimPrefix(base, "http") + "/connect?" + url.Values{"id": {id}, "key": {"k"}}.Encode()
 	dial := func() *websocket.Conn {
 		t.Helper()
 		c, _, err := websocket.Dial(ctx, join, nil)
@@ -502,7 +510,7 @@ func TestDrainDelay(t *testing.T) {
 	if code, body := get(t, base+"/healthz"); code != http.StatusServiceUnavailable {
 		t.Errorf("healthz while draining: got %d %q, want 503", code, body)
 	}
-	if code, body := get(t, base+"/register?"+q.Encode()); code != http.StatusServiceUnavailable {
+	if code, body := get(t, base+"/register?"+lobbyQuery.Encode()); code != http.StatusServiceUnavailable {
 		t.Errorf("register while draining: got %d %q, want 503", code, body)
 	}
 	// ...while members keep talking and may still join.
@@ -582,14 +590,9 @@ func TestServeFailureShutsDown(t *testing.T) {
 
 	base, lines, stop := startProgram(t, "-bcrypt-cost", "4")
 	ln := <-lns
-	q := url.Values{"key": {"k"}, "host_key": {"hk"}, "reg_type": {"lobby"}}
-	code, id := get(t, base+"/register?"+q.Encode())
-	if code != 200 {
-		t.Fatalf("register: got %d %q, want 200", code, id)
-	}
+	join := joinNewLobby(t, base)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	join := "ws" + strings.TrimPrefix(base, "http") + "/connect?" + url.Values{"id": {id}, "key": {"k"}}.Encode()
 	m, _, err := websocket.Dial(ctx, join, nil)
 	if err != nil {
 		t.Fatal(err)
