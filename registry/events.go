@@ -47,9 +47,11 @@ type Event struct {
 	Time time.Time
 	// Reg is the registration.
 	Reg *Registration
-	// Member and Role are the member that joined or left.
+	// Member, Role and Name are the member that joined or left (Name ""
+	// when it has none).
 	Member Member
 	Role   Role
+	Name   string
 	// Closure is how a leaving member's connection ended.
 	Closure Closure
 	// Cause is why the registration was removed.

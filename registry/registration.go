@@ -100,11 +100,13 @@ type Member interface {
 	Close(code int, reason string)
 }
 
-// Selector chooses members for SendTo: the one with ID, or else every member
-// with Role, or else (its zero value) every member.
+// Selector chooses members for SendTo: the one with ID, or else the one
+// named Name, or else every member with Role, or else (its zero value) every
+// member.
 type Selector struct {
 	Role Role
 	ID   string
+	Name string
 }
 
 // snapshot is an immutable view of a registration's members, published on
@@ -121,6 +123,16 @@ var emptySnapshot snapshot
 type member struct {
 	m    Member
 	role Role
+	name string // "" when it has none
+}
+
+// MemberInfo is a live member as the registration holds it.
+type MemberInfo struct {
+	Member Member
+	Role   Role
+	// Name is the member's name within the registration; "" when it has
+	// none.
+	Name string
 }
 
 // Registration is one room: its Record, which never changes, and its live
@@ -138,6 +150,7 @@ type Registration struct {
 
 	mu         sync.Mutex
 	members    map[string]member     // guarded by mu; by member ID
+	names      map[string]string     // guarded by mu; member name → member ID
 	removing   bool                  // guarded by mu; a removal is being made durable
 	removed    bool                  // guarded by mu
 	joined     bool                  // guarded by mu; someone joined once
@@ -165,6 +178,15 @@ func (reg *Registration) Ref() Ref { return Ref{reg.ID, reg.Generation} }
 // ErrTooManyMembers at MaxMembers, ErrExists when a member with m's ID is
 // already in.
 func (reg *Registration) Join(m Member, role Role) error {
+	return reg.JoinNamed(m, role, "")
+}
+
+// JoinNamed adds m with role and, unless name is empty, that name. A name
+// belongs to one role within the registration: a live member of the same
+// role holding it is replaced — it leaves at once (it receives nothing more)
+// and is closed with 4001 "replaced" — and one of the other role makes the
+// join fail with ErrNameTaken. Other errors as Join.
+func (reg *Registration) JoinNamed(m Member, role Role, name string) error {
 	if reg.registry.isClosed() {
 		return ErrClosed
 	}
@@ -174,24 +196,53 @@ func (reg *Registration) Join(m Member, role Role) error {
 	case reg.removed || reg.removing:
 		reg.mu.Unlock()
 		return fmt.Errorf("join %s: %w", reg.ID, ErrNotFound)
-	case reg.registry.cfg.MaxMembers > 0 && len(reg.members) >= reg.registry.cfg.MaxMembers:
-		reg.mu.Unlock()
-		return fmt.Errorf("join %s: %w", reg.ID, ErrTooManyMembers)
 	}
 	if _, dup := reg.members[id]; dup {
 		reg.mu.Unlock()
 		return fmt.Errorf("join %s: member %s: %w", reg.ID, id, ErrExists)
 	}
-	reg.members[id] = member{m, role}
+	var old member
+	if name != "" {
+		if oldID, held := reg.names[name]; held {
+			old = reg.members[oldID]
+			if old.role != role {
+				reg.mu.Unlock()
+				return fmt.Errorf("join %s as %q: %w", reg.ID, name, ErrNameTaken)
+			}
+		}
+	}
+	// The member replaced makes room for its successor.
+	if max := reg.registry.cfg.MaxMembers; max > 0 && len(reg.members) >= max && old.m == nil {
+		reg.mu.Unlock()
+		return fmt.Errorf("join %s: %w", reg.ID, ErrTooManyMembers)
+	}
+	if old.m != nil {
+		delete(reg.members, old.m.ID())
+		reg.eventLocked(Event{Kind: EventLeave, Member: old.m, Role: old.role, Name: name, Closure: Closure{Code: CodeReplaced, Reason: "replaced"}})
+	}
+	reg.members[id] = member{m, role, name}
+	if name != "" {
+		if reg.names == nil {
+			reg.names = make(map[string]string)
+		}
+		reg.names[name] = id
+	}
 	reg.joined = true
 	reg.stopTimerLocked()
 	reg.publishLocked()
 	reg.touch()
-	reg.eventLocked(Event{Kind: EventJoin, Member: m, Role: role})
+	reg.eventLocked(Event{Kind: EventJoin, Member: m, Role: role, Name: name})
 	reg.mu.Unlock()
 	reg.notify()
+	if old.m != nil {
+		old.m.Close(CodeReplaced, "replaced")
+	}
 	return nil
 }
+
+// CodeReplaced is the close code of a member replaced by a newer one of the
+// same name and role.
+const CodeReplaced = 4001
 
 // Leave removes m, whose connection ended as closure says. Leaving a removed
 // registration, or leaving twice, does nothing, so a late leave can never
@@ -205,9 +256,12 @@ func (reg *Registration) Leave(m Member, closure Closure) {
 		return
 	}
 	delete(reg.members, m.ID())
+	if e.name != "" && reg.names[e.name] == m.ID() {
+		delete(reg.names, e.name)
+	}
 	reg.publishLocked()
 	reg.touch()
-	reg.eventLocked(Event{Kind: EventLeave, Member: m, Role: e.role, Closure: closure})
+	reg.eventLocked(Event{Kind: EventLeave, Member: m, Role: e.role, Name: e.name, Closure: closure})
 	empty := len(reg.members) == 0
 	grace := reg.registry.cfg.GCGrace
 	if empty && grace > 0 {
@@ -284,6 +338,7 @@ func (reg *Registration) detach(cause Cause, code int, reason string) {
 		members = append(members, e.m)
 	}
 	clear(reg.members)
+	clear(reg.names)
 	reg.publishLocked()
 	reg.eventLocked(Event{Kind: EventRemove, Cause: cause})
 	reg.mu.Unlock()
@@ -354,12 +409,9 @@ func (reg *Registration) Deliver(from Member, role Role, msg Message) int {
 func (reg *Registration) SendTo(sel Selector, msg Message) int {
 	var to []Member
 	switch s := reg.snap.Load(); {
-	case sel.ID != "":
-		reg.mu.Lock()
-		e, ok := reg.members[sel.ID]
-		reg.mu.Unlock()
-		if ok {
-			to = []Member{e.m}
+	case sel.ID != "" || sel.Name != "":
+		if m, _, ok := reg.lookup(sel); ok {
+			to = []Member{m}
 		}
 	case sel.Role == RoleHost:
 		to = s.hosts
@@ -379,10 +431,37 @@ func (reg *Registration) SendTo(sel Selector, msg Message) int {
 
 // Member returns the live member with id and its role.
 func (reg *Registration) Member(id string) (Member, Role, bool) {
+	return reg.lookup(Selector{ID: id})
+}
+
+// Lookup returns the live member sel names by ID or by name.
+func (reg *Registration) Lookup(sel Selector) (Member, Role, bool) {
+	return reg.lookup(sel)
+}
+
+func (reg *Registration) lookup(sel Selector) (Member, Role, bool) {
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
+	id := sel.ID
+	if id == "" {
+		var ok bool
+		if id, ok = reg.names[sel.Name]; !ok {
+			return nil, 0, false
+		}
+	}
 	e, ok := reg.members[id]
 	return e.m, e.role, ok
+}
+
+// Members returns the live members, in no particular order.
+func (reg *Registration) Members() []MemberInfo {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	out := make([]MemberInfo, 0, len(reg.members))
+	for _, e := range reg.members {
+		out = append(out, MemberInfo{e.m, e.role, e.name})
+	}
+	return out
 }
 
 // PickHost returns one host, round-robin among the registration's hosts, or

@@ -30,6 +30,8 @@ var (
 	ErrForbidden = errors.New("wrong key")
 	// ErrTooManyRegistrations means the registry is at MaxRegistrations.
 	ErrTooManyRegistrations = errors.New("too many registrations")
+	// ErrNameTaken means a member name is held by a member of another role.
+	ErrNameTaken = errors.New("member name held by another role")
 	// ErrTooManyMembers means the registration is at MaxMembers.
 	ErrTooManyMembers = errors.New("too many members")
 	// ErrBusy means the key-hashing pool stayed saturated for HashWait.

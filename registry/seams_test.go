@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -296,5 +297,59 @@ func TestPublishGoesThroughBroker(t *testing.T) {
 	}
 	if b.n != 1 || len(y.messages()) != 1 || len(x.messages()) != 0 {
 		t.Fatalf("broker saw %d, y got %d, x got %d; want 1, 1, 0", b.n, len(y.messages()), len(x.messages()))
+	}
+}
+
+func TestNames(t *testing.T) {
+	var log eventLog
+	r := newTestRegistry(Config{GCGrace: time.Hour, MaxMembers: 2, Observers: []Observer{log.observe}})
+	reg := mustCreate(t, r, "", HostClient)
+	dev1, dev2, cli := newMember("dev1"), newMember("dev2"), newMember("cli")
+	if err := reg.JoinNamed(dev1, RoleHost, "garage"); err != nil {
+		t.Fatal(err)
+	}
+	if err := reg.JoinNamed(cli, RoleClient, "garage"); !errors.Is(err, ErrNameTaken) {
+		t.Fatalf("a client taking a host's name: got %v, want ErrNameTaken", err)
+	}
+	mustJoin(t, reg, cli, RoleClient) // the room is now full (2)
+	// The same role and name replaces, even in a full room.
+	if err := reg.JoinNamed(dev2, RoleHost, "garage"); err != nil {
+		t.Fatalf("replacing: %v", err)
+	}
+	if got := dev1.closeCalls(); len(got) != 1 || got[0] != (closeCall{CodeReplaced, "replaced"}) {
+		t.Fatalf("the replaced member: got closes %v, want 4001 replaced", got)
+	}
+	if m, role, ok := reg.Lookup(Selector{Name: "garage"}); !ok || m != dev2 || role != RoleHost {
+		t.Fatalf("Lookup(garage): got %v %v %v, want dev2 as host", m, role, ok)
+	}
+	// The replaced one receives nothing more, and its late leave changes
+	// nothing.
+	reg.Deliver(cli, RoleClient, Message{Data: []byte("to the host")})
+	if len(dev1.messages()) != 0 || len(dev2.messages()) != 1 {
+		t.Fatalf("after replacement: dev1 got %d, dev2 got %d; want 0 and 1", len(dev1.messages()), len(dev2.messages()))
+	}
+	reg.Leave(dev1, Closure{Code: CodeReplaced})
+	if _, _, ok := reg.Lookup(Selector{Name: "garage"}); !ok {
+		t.Fatal("the replaced member's late leave freed the name")
+	}
+	infos := reg.Members()
+	if len(infos) != 2 {
+		t.Fatalf("Members: got %d, want 2", len(infos))
+	}
+	// Leaving frees the name for anyone.
+	reg.Leave(dev2, Closure{Code: 1000})
+	if err := reg.JoinNamed(newMember("c2"), RoleClient, "garage"); err != nil {
+		t.Fatalf("a free name: %v", err)
+	}
+	var leaves []string
+	log.mu.Lock()
+	for _, ev := range log.evs {
+		if ev.Kind == EventLeave {
+			leaves = append(leaves, fmt.Sprintf("%s:%d", ev.Name, ev.Closure.Code))
+		}
+	}
+	log.mu.Unlock()
+	if want := []string{"garage:4001", "garage:1000"}; !slices.Equal(leaves, want) {
+		t.Fatalf("leave events: got %v, want %v", leaves, want)
 	}
 }

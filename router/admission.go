@@ -93,6 +93,10 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	name, err := p.name("name")
+	if err != nil {
+		return nil, err
+	}
 	if err := rt.auth.member(r, "connect", reg, cred); err != nil {
 		return nil, err
 	}
@@ -105,8 +109,8 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	rt.conns.Add(1)
 	rt.mu.Unlock()
 
-	c := rt.newConn(reg, role)
-	if err := reg.Join(c, role); err != nil {
+	c := rt.newConn(reg, role, name, rt.limits.clientAddr(r))
+	if err := reg.JoinNamed(c, role, name); err != nil {
 		rt.conns.Done()
 		if rt.closing.Load() {
 			// Shutdown removed the registration meanwhile: that is a

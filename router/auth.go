@@ -3,6 +3,7 @@ package router
 import (
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"time"
@@ -91,6 +92,28 @@ func (a authenticator) owner(r *http.Request, endpoint string, reg *registry.Reg
 	wrong, err := reg.CheckKeys(r.Context(), cred.key, cred.hostKey, g.gate)
 	if wrong > 0 {
 		g.failed(reg.ID, 0) // each key's gate charged its own failure
+	}
+	return err
+}
+
+// backend reports (nil) whether the caller may use the backend API on reg:
+// the admin bearer if it presents one (wrong: 403, as a wrong key), else
+// the registration's host key.
+func (a authenticator) backend(r *http.Request, endpoint string, reg *registry.Registration, cred credentials, bearer string) error {
+	if bearer != "" {
+		if err := a.admin(r, endpoint, bearer); errors.Is(err, errUnauthorized) {
+			return fmt.Errorf("admin token: %w", registry.ErrForbidden)
+		} else {
+			return err
+		}
+	}
+	g := a.rt.keyGuard(r, endpoint)
+	if err := g.lockout(); err != nil {
+		return err
+	}
+	err := reg.CheckHostKey(r.Context(), cred.hostKey, g.gate)
+	if errors.Is(err, registry.ErrForbidden) {
+		g.failed(reg.ID, 0)
 	}
 	return err
 }

@@ -33,6 +33,11 @@ type conn struct {
 	reg  *registry.Registration
 	role registry.Role
 	log  *slog.Logger
+	// name (may be empty), the client's address and when it was admitted:
+	// what /members shows. Immutable.
+	name        string
+	remoteAddr  string
+	connectedAt time.Time
 
 	// queue is the bounded send queue. Fan-out never blocks on it: a full
 	// queue closes the connection as a slow consumer.
@@ -64,16 +69,23 @@ func newConnID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func (rt *Router) newConn(reg *registry.Registration, role registry.Role) *conn {
+func (rt *Router) newConn(reg *registry.Registration, role registry.Role, name, remoteAddr string) *conn {
 	id := newConnID()
+	log := rt.log.With("reg", reg.ID, "role", role.String(), "conn", id)
+	if name != "" {
+		log = log.With("name", name)
+	}
 	c := &conn{
-		rt:    rt,
-		id:    id,
-		reg:   reg,
-		role:  role,
-		log:   rt.log.With("reg", reg.ID, "role", role.String(), "conn", id),
-		queue: newSendQueue(rt.cfg.SendQueueBytes, rt.cfg.RelayQueueBytes),
-		gone:  make(chan struct{}),
+		rt:          rt,
+		id:          id,
+		reg:         reg,
+		role:        role,
+		name:        name,
+		remoteAddr:  remoteAddr,
+		connectedAt: time.Now().UTC(),
+		log:         log,
+		queue:       newSendQueue(rt.cfg.SendQueueBytes, rt.cfg.RelayQueueBytes),
+		gone:        make(chan struct{}),
 	}
 	if l := rt.cfg.RateMessage; l.Rate > 0 {
 		c.frames = rate.NewLimiter(rate.Limit(l.Rate), max(l.Burst, 1))

@@ -35,11 +35,15 @@ func status(err error) (int, string) {
 		return http.StatusTooManyRequests, "rate limited"
 	case errors.Is(err, registry.ErrNotFound):
 		return http.StatusNotFound, "registration not found"
+	case errors.Is(err, errNoMember):
+		return http.StatusNotFound, "no such member"
 	case errors.Is(err, registry.ErrForbidden):
 		// One body for key and host key: no oracle for which was wrong.
 		return http.StatusForbidden, "forbidden"
 	case errors.Is(err, errOrigin):
 		return http.StatusForbidden, "origin not allowed"
+	case errors.Is(err, registry.ErrNameTaken):
+		return http.StatusConflict, "name held by a member of another role"
 	case errors.Is(err, registry.ErrExists):
 		return http.StatusConflict, "id already taken"
 	case errors.Is(err, errTooLarge):
@@ -86,6 +90,8 @@ const (
 	codePolicy       = 1008
 	codeTooBig       = 1009
 	codeRemoved      = 4000
+	codeReplaced     = registry.CodeReplaced // 4001
+	codeByBackend    = 4002
 	codeSlowConsumer = 4008
 
 	// codePingTimeout stands for a member dropped without a close frame

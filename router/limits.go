@@ -248,6 +248,23 @@ func (ls *limits) clientIP(r *http.Request) string {
 	return host
 }
 
+// clientAddr is the client's address as /members shows it: the socket's
+// host:port, or with -trust-proxy the header's last address.
+func (ls *limits) clientAddr(r *http.Request) string {
+	if ls.trustProxy != "" {
+		if v := r.Header.Values(ls.trustProxy); len(v) > 0 {
+			last := v[len(v)-1]
+			if i := strings.LastIndexByte(last, ','); i >= 0 {
+				last = last[i+1:]
+			}
+			if ip := net.ParseIP(strings.TrimSpace(last)); ip != nil {
+				return ip.String()
+			}
+		}
+	}
+	return r.RemoteAddr
+}
+
 func limitKey(ip net.IP) string {
 	if ip.To4() != nil {
 		return ip.String()

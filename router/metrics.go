@@ -23,6 +23,7 @@ type metrics struct {
 	closes    *prometheus.CounterVec // by code
 	limited   *prometheus.CounterVec // by endpoint
 	refusals  *prometheus.CounterVec // by endpoint and status
+	sends     *prometheus.CounterVec // POST /send by result
 	keyChecks *prometheus.HistogramVec
 	relays    *prometheus.CounterVec
 	relayDur  prometheus.Histogram
@@ -52,8 +53,12 @@ func newMetrics() *metrics {
 		}, []string{"endpoint"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_refusals_total",
-			Help: "Requests to /register, /connect and /remove answered with an error status, by endpoint and status (relay requests are in wsrouter_relay_requests_total).",
+			Help: "Requests to /register, /connect, /remove, the backend API and /stats answered with an error status, by endpoint and status (relay requests are in wsrouter_relay_requests_total).",
 		}, []string{"endpoint", "status"}),
+		sends: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "wsrouter_send_requests_total",
+			Help: "POST /send requests, by result: ok, or the error status.",
+		}, []string{"result"}),
 		keyChecks: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "wsrouter_key_check_seconds",
 			Help:    "Key checks, by how they were decided (bcrypt, remembered, or shared: waited for a bcrypt of the same key), waiting for a hash worker included.",
@@ -83,7 +88,7 @@ func newMetrics() *metrics {
 		m.bytesIn[i] = bytes.WithLabelValues("in", typ)
 		m.bytesOut[i] = bytes.WithLabelValues("out", typ)
 	}
-	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.keyChecks,
+	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.sends, m.keyChecks,
 		m.relays, m.relayDur, msgs, bytes,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -175,6 +180,8 @@ func (m *metrics) closed(code int) {
 	}
 	m.closes.WithLabelValues(label).Inc()
 }
+
+func (m *metrics) sent(result string) { m.sends.WithLabelValues(result).Inc() }
 
 func (m *metrics) rateLimited(endpoint string) { m.limited.WithLabelValues(endpoint).Inc() }
 

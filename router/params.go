@@ -172,6 +172,39 @@ func (p *params) regType() (registry.Type, error) {
 	return t, nil
 }
 
+// maxNameLen is the longest member name.
+const maxNameLen = 64
+
+// validName reports whether s is 1–64 of A-Z a-z 0-9 . _ - @ : (a member
+// name, docs/protocol.md §9).
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > maxNameLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
+			c == '.', c == '_', c == '-', c == '@', c == ':':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// name returns the optional member name parameter ("" when absent).
+func (p *params) name(param string) (string, error) {
+	v, err := p.get(param)
+	if err != nil || v == "" {
+		return "", err
+	}
+	if !validName(v) {
+		return "", paramError("malformed %s: 1 to 64 of A-Z a-z 0-9 . _ - @ :", param)
+	}
+	return v, nil
+}
+
 // role returns the member's role in a registration of type t: sock_type is
 // required for hostclient and ignored for a lobby.
 func (p *params) role(t registry.Type) (registry.Role, error) {

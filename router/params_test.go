@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"regexp"
 	"strings"
 	"testing"
@@ -75,6 +76,65 @@ func FuzzParams(f *testing.F) {
 			t.Fatalf("sock_type %v accepted", role)
 		} else {
 			check("sock_type", err)
+		}
+	})
+}
+
+// FuzzBackendParams: /send's and /member's parameters parse into a
+// selector naming at most one thing, a valid close code and reason, or a
+// 400 — never a panic.
+func FuzzBackendParams(f *testing.F) {
+	f.Add("to=host", false)
+	f.Add("conn=0123456789abcdef0123456789abcdef&code=4100&reason=bye", true)
+	f.Add("name=dev%40home%3A1&to=client", false)
+	f.Add("code=4000x&reason=%ff", true)
+	f.Add("to=member&to=member", true)
+	f.Fuzz(func(t *testing.T, raw string, lobby bool) {
+		q, err := url.ParseQuery(raw)
+		if err != nil {
+			return
+		}
+		typ := registry.HostClient
+		if lobby {
+			typ = registry.Lobby
+		}
+		r := httptest.NewRequest("POST", "/send", nil)
+		reg := &registry.Registration{Record: registry.Record{ID: "x", Type: typ}}
+		bt := &backendTarget{p: &params{r: r, vals: q}, reg: reg}
+		for _, allow := range []bool{true, false} {
+			sel, err := bt.selector(allow, allow)
+			if err != nil {
+				if code, _ := status(err); code != 400 {
+					t.Fatalf("selector error %v is a %d, want 400", err, code)
+				}
+				continue
+			}
+			n := 0
+			if sel.ID != "" {
+				n++
+				if len(sel.ID) != 32 {
+					t.Fatalf("conn %q accepted", sel.ID)
+				}
+			}
+			if sel.Name != "" {
+				n++
+				if !validName(sel.Name) {
+					t.Fatalf("name %q accepted", sel.Name)
+				}
+			}
+			if sel.Role != 0 {
+				n++
+				if !allow || (typ == registry.Lobby) != (sel.Role == registry.RoleMember) {
+					t.Fatalf("role %v accepted for %v (roles allowed: %v)", sel.Role, typ, allow)
+				}
+			}
+			if n > 1 || (n == 0 && !allow) {
+				t.Fatalf("selector %+v from %q", sel, raw)
+			}
+		}
+		code, reason, err := bt.closeParams()
+		if err == nil && (code < 4000 || code > 4999 || len(reason) > maxReasonLen || reason == "") {
+			t.Fatalf("close %d %q accepted from %q", code, reason, raw)
 		}
 	})
 }

@@ -99,6 +99,9 @@ func New(cfg Config, log *slog.Logger) *Router {
 	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodDelete} {
 		mux.HandlerFunc(m, "/remove", rt.serveRemove)
 	}
+	mux.HandlerFunc(http.MethodPost, "/send", rt.serveSend)
+	mux.HandlerFunc(http.MethodDelete, "/member", rt.serveCloseMember)
+	mux.HandlerFunc(http.MethodGet, "/members", rt.serveMembers)
 	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)
 	mux.HandlerFunc(http.MethodHead, "/healthz", rt.serveHealth)
 	mux.Handler(http.MethodGet, "/metrics", m.handler())

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"slices"
 	"time"
 
 	"wsrouter/registry"
@@ -32,6 +33,9 @@ type regStats struct {
 	LastActive  time.Time      `json:"last_active"`
 	MessagesIn  uint64         `json:"messages_in"`
 	MessagesOut uint64         `json:"messages_out"`
+	// Names are the members' names (docs/protocol.md §9), sorted;
+	// omitted when nobody has one.
+	Names []string `json:"names,omitempty"`
 }
 
 // serveStats answers /stats for the admin token's bearer only (docs/protocol.md §8).
@@ -54,6 +58,12 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 			ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC(), LastActive: last.UTC(),
 			MessagesIn: in, MessagesOut: out,
 		}
+		for _, mi := range reg.Members() {
+			if mi.Name != "" {
+				rs.Names = append(rs.Names, mi.Name)
+			}
+		}
+		slices.Sort(rs.Names)
 		if reg.Type == registry.Lobby {
 			rs.Members = map[string]int{"member": members}
 		} else {
