@@ -22,6 +22,8 @@
 //	         echoes: round trips/s and RTT
 //	register -c concurrent /register of fresh lobbies (wsrouter only; with
 //	         -server-flags "-data FILE" the records go to a data file)
+//	send     -c backends POST /send to one of -members members by connection
+//	         id (wsrouter only): requests/s, latency, loss
 //	storm    -n members connect at once to one registration nobody joined
 //	         yet (a fleet after a restart): admitted, refused, time to all in
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
@@ -79,6 +81,7 @@ var scenarios = []scenario{
 	{"pair", "hostclient pairs ping-ponging: round trips/s, RTT", newPair},
 	{"relay", "HTTP requests relayed to a host, beside a direct HTTP server: round trips/s, latency", newRelay},
 	{"register", "fresh registrations at concurrency -c (-targets wsrouter; -server-flags \"-data FILE\" for a data file): registers/s", newRegister},
+	{"send", "POST /send to one of many members by connection id (-targets wsrouter): requests/s, latency, loss", newSend},
 	{"storm", "many first connects at once to one registration (one key, one bcrypt): admitted, refused, seconds until all are in", newStorm},
 }
 
