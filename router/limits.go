@@ -227,16 +227,8 @@ func (ls *limits) sweep() {
 // by its /64, the block one subscriber usually holds: otherwise anyone with
 // a /64 would have 2^64 fresh buckets.
 func (ls *limits) clientIP(r *http.Request) string {
-	if ls.trustProxy != "" {
-		if v := r.Header.Values(ls.trustProxy); len(v) > 0 {
-			last := v[len(v)-1]
-			if i := strings.LastIndexByte(last, ','); i >= 0 {
-				last = last[i+1:]
-			}
-			if ip := net.ParseIP(strings.TrimSpace(last)); ip != nil {
-				return limitKey(ip)
-			}
-		}
+	if ip := ls.proxyIP(r); ip != nil {
+		return limitKey(ip)
 	}
 	host, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
@@ -248,19 +240,28 @@ func (ls *limits) clientIP(r *http.Request) string {
 	return host
 }
 
+// proxyIP is, with -trust-proxy, the last address of that header (the one
+// the proxy in front appended); nil without it or when it has none.
+func (ls *limits) proxyIP(r *http.Request) net.IP {
+	if ls.trustProxy == "" {
+		return nil
+	}
+	v := r.Header.Values(ls.trustProxy)
+	if len(v) == 0 {
+		return nil
+	}
+	last := v[len(v)-1]
+	if i := strings.LastIndexByte(last, ','); i >= 0 {
+		last = last[i+1:]
+	}
+	return net.ParseIP(strings.TrimSpace(last))
+}
+
 // clientAddr is the client's address as /members shows it: the socket's
 // host:port, or with -trust-proxy the header's last address.
 func (ls *limits) clientAddr(r *http.Request) string {
-	if ls.trustProxy != "" {
-		if v := r.Header.Values(ls.trustProxy); len(v) > 0 {
-			last := v[len(v)-1]
-			if i := strings.LastIndexByte(last, ','); i >= 0 {
-				last = last[i+1:]
-			}
-			if ip := net.ParseIP(strings.TrimSpace(last)); ip != nil {
-				return ip.String()
-			}
-		}
+	if ip := ls.proxyIP(r); ip != nil {
+		return ip.String()
 	}
 	return r.RemoteAddr
 }
