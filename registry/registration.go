@@ -151,7 +151,7 @@ type Registration struct {
 	mu         sync.Mutex
 	members    map[string]member     // guarded by mu; by member ID
 	names      map[string]string     // guarded by mu; member name → member ID
-	removing   bool                  // guarded by mu; a removal is being made durable
+	removing   *removalOp            // guarded by mu; a removal being made durable
 	removed    bool                  // guarded by mu
 	joined     bool                  // guarded by mu; someone joined once
 	timer      *time.Timer           // guarded by mu; GC or unused TTL
@@ -193,9 +193,13 @@ func (reg *Registration) JoinNamed(m Member, role Role, name string) error {
 	id := m.ID()
 	reg.mu.Lock()
 	switch {
-	case reg.removed || reg.removing:
+	case reg.removed:
 		reg.mu.Unlock()
 		return fmt.Errorf("join %s: %w", reg.ID, ErrNotFound)
+	case reg.removing != nil:
+		// Not a 404 yet: the removal may fail and leave it live.
+		reg.mu.Unlock()
+		return fmt.Errorf("join %s: %w", reg.ID, ErrRemoving)
 	}
 	if _, dup := reg.members[id]; dup {
 		reg.mu.Unlock()
@@ -270,7 +274,7 @@ func (reg *Registration) Leave(m Member, closure Closure) {
 	reg.mu.Unlock()
 	reg.notify()
 	if empty && grace <= 0 {
-		reg.removeIf(context.Background(), CauseGC, func() bool { return len(reg.members) == 0 && !reg.removing })
+		reg.removeIf(context.Background(), CauseGC, func() bool { return len(reg.members) == 0 })
 	}
 }
 
@@ -285,45 +289,74 @@ func (reg *Registration) remove(ctx context.Context, cause Cause, code int, reas
 	return reg.removeWith(ctx, cause, code, reason, func() bool { return true })
 }
 
-// removeIf removes the registration for cause if cond, checked under its
-// lock before and after the removal is made durable, still holds.
+// removeIf removes the registration for cause if cond (checked under its
+// lock) holds; joins are refused while the removal is made durable, so cond
+// cannot change meanwhile. A store failure is reported to OnStoreError and
+// retried later.
 func (reg *Registration) removeIf(ctx context.Context, cause Cause, cond func() bool) {
-	reg.removeWith(ctx, cause, 4000, "registration removed", cond)
+	if err := reg.removeWith(ctx, cause, 4000, "registration removed", cond); err != nil {
+		reg.registry.storeFailed("remove", reg.ID, err)
+	}
+}
+
+// removalOp is a removal being made durable: whoever else removes the
+// registration meanwhile waits for it and shares its outcome.
+type removalOp struct {
+	done chan struct{}
+	err  error // written before done is closed
 }
 
 // removeWith makes a removal durable in the store first, then visible: the
-// registration is marked as being removed (joins are refused) while the
-// store deletes it, then detached and its members closed. If the store
-// fails, the registration stays as it was.
+// registration is marked as being removed (joins are refused with
+// ErrRemoving) while the store deletes it, then detached and its members
+// closed. If the store fails, the registration stays as it was and the error
+// is returned (wrapping ErrStore) to every caller that waited for it.
 func (reg *Registration) removeWith(ctx context.Context, cause Cause, code int, reason string, cond func() bool) error {
 	reg.mu.Lock()
-	if reg.removed || reg.removing || !cond() {
+	if op := reg.removing; op != nil {
+		// Another removal is on its way to the store: its outcome is ours.
+		reg.mu.Unlock()
+		select {
+		case <-op.done:
+			return op.err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if reg.removed || !cond() {
 		reg.mu.Unlock()
 		return nil
 	}
-	reg.removing = true
+	op := &removalOp{done: make(chan struct{})}
+	reg.removing = op
 	reg.stopTimerLocked()
 	reg.mu.Unlock()
 
-	if err := reg.registry.store.Delete(ctx, reg.Ref()); err != nil {
-		reg.mu.Lock()
-		reg.removing = false
+	err := reg.registry.store.Delete(context.WithoutCancel(ctx), reg.Ref())
+
+	reg.mu.Lock()
+	reg.removing = nil
+	switch {
+	case reg.removed:
+		// The registry closed meanwhile: the removal is moot, its record
+		// (if the delete failed) comes back with the next start.
+		reg.mu.Unlock()
+		if err != nil {
+			err = fmt.Errorf("remove %s: %w", reg.ID, ErrClosed)
+		}
+	case err != nil:
+		err = fmt.Errorf("remove %s: %w: %w", reg.ID, ErrStore, err)
 		if len(reg.members) == 0 {
 			// Try again later, as if it had just emptied.
 			reg.armTimerLocked(max(reg.registry.cfg.GCGrace, time.Second), CauseGC)
 		}
 		reg.mu.Unlock()
-		return fmt.Errorf("remove %s: %w", reg.ID, err)
+	default:
+		reg.detach(cause, code, reason) // unlocks
 	}
-
-	reg.mu.Lock()
-	reg.removing = false
-	if reg.removed { // the registry closed meanwhile
-		reg.mu.Unlock()
-		return nil
-	}
-	reg.detach(cause, code, reason) // unlocks
-	return nil
+	op.err = err
+	close(op.done)
+	return err
 }
 
 // detach ends the registration's live part, with reg.mu held (and released

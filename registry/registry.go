@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"runtime"
 	"sync"
 	"time"
@@ -30,6 +31,11 @@ var (
 	ErrForbidden = errors.New("wrong key")
 	// ErrTooManyRegistrations means the registry is at MaxRegistrations.
 	ErrTooManyRegistrations = errors.New("too many registrations")
+	// ErrStore means the store failed (a disk full, a cluster store out of
+	// reach); the operation did not happen.
+	ErrStore = errors.New("store unavailable")
+	// ErrRemoving means the registration is being removed: try again.
+	ErrRemoving = errors.New("registration being removed")
 	// ErrNameTaken means a member name is held by a member of another role.
 	ErrNameTaken = errors.New("member name held by another role")
 	// ErrTooManyMembers means the registration is at MaxMembers.
@@ -98,6 +104,10 @@ type Config struct {
 	Store Store
 	// Broker carries members' messages; nil means LocalBroker.
 	Broker Broker
+	// OnStoreError, if set, is told of a store failure nobody else hears
+	// of: a removal by GC or TTL that could not be made durable (it is
+	// retried).
+	OnStoreError func(op, id string, err error)
 	// OnKeyCheck, if set, observes each key check that reached a decision:
 	// how it was decided and how long it took, waiting for a worker included.
 	OnKeyCheck func(how KeyCheck, d time.Duration)
@@ -204,7 +214,11 @@ func (r *Registry) Create(ctx context.Context, spec Spec) (*Registration, error)
 		r.mu.Lock()
 		delete(r.reserved, rec.ID)
 		r.mu.Unlock()
-		return nil, fmt.Errorf("create %s: %w", rec.ID, err)
+		if errors.Is(err, ErrExists) {
+			// Another node, or a record this one has not restored.
+			return nil, fmt.Errorf("create %s: %w", rec.ID, err)
+		}
+		return nil, fmt.Errorf("create %s: %w: %w", rec.ID, ErrStore, err)
 	}
 	reg, err := r.add(rec, true)
 	if err != nil {
@@ -265,8 +279,14 @@ func (r *Registry) add(rec Record, fresh bool) (*Registration, error) {
 		// the GC timer) or removed it since r.mu was released. Arming now
 		// would replace that GC timer with one that never fires for a
 		// joined registration, leaving it and its id alive forever.
-		if !reg.joined && !reg.removed && !reg.removing {
-			reg.armTimerLocked(r.cfg.UnusedTTL, CauseUnused)
+		if !reg.joined && !reg.removed && reg.removing == nil {
+			ttl := r.cfg.UnusedTTL
+			if !fresh {
+				// Restored registrations would otherwise all expire in
+				// the same instant: spread them over a tenth more.
+				ttl += time.Duration(mrand.Int64N(int64(ttl)/10 + 1))
+			}
+			reg.armTimerLocked(ttl, CauseUnused)
 		}
 		reg.mu.Unlock()
 	}
@@ -353,6 +373,13 @@ func (r *Registry) forget(reg *Registration) {
 		delete(r.regs, reg.ID)
 	}
 	r.mu.Unlock()
+}
+
+// storeFailed reports a store failure to OnStoreError.
+func (r *Registry) storeFailed(op, id string, err error) {
+	if r.cfg.OnStoreError != nil && !errors.Is(err, ErrClosed) {
+		r.cfg.OnStoreError(op, id, err)
+	}
 }
 
 func (r *Registry) isClosed() bool {

@@ -353,3 +353,88 @@ func TestNames(t *testing.T) {
 		t.Fatalf("leave events: got %v, want %v", leaves, want)
 	}
 }
+
+// blockingStore blocks Delete until release is closed, then fails it if
+// fail is set.
+type blockingStore struct {
+	MemoryStore
+	entered chan struct{}
+	release chan struct{}
+	fail    bool
+}
+
+func (s *blockingStore) Delete(ctx context.Context, ref Ref) error {
+	s.entered <- struct{}{}
+	<-s.release
+	if s.fail {
+		return errDisk
+	}
+	return s.MemoryStore.Delete(ctx, ref)
+}
+
+// TestRemovalInFlight: while one removal waits for the store, a second
+// removal waits for it and shares its outcome, and a join is refused with
+// ErrRemoving (not ErrNotFound: the removal may fail).
+func TestRemovalInFlight(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(fmt.Sprint("store fails ", fail), func(t *testing.T) {
+			store := &blockingStore{entered: make(chan struct{}, 2), release: make(chan struct{}), fail: fail}
+			var storeErrs []string
+			var mu sync.Mutex
+			r := newTestRegistry(Config{Store: store, OnStoreError: func(op, id string, err error) {
+				mu.Lock()
+				storeErrs = append(storeErrs, op+" "+id)
+				mu.Unlock()
+			}})
+			reg := mustCreate(t, r, "x", Lobby)
+			first := make(chan error, 1)
+			go func() { first <- reg.Remove(context.Background()) }()
+			<-store.entered
+			second := make(chan error, 1)
+			go func() { second <- reg.Remove(context.Background()) }()
+			if err := reg.Join(newMember("late"), RoleMember); !errors.Is(err, ErrRemoving) {
+				t.Fatalf("join during the removal: got %v, want ErrRemoving", err)
+			}
+			select {
+			case err := <-second:
+				t.Fatalf("the second removal returned %v before the first was durable", err)
+			default:
+			}
+			close(store.release)
+			for _, ch := range []chan error{first, second} {
+				err := <-ch
+				if fail != errors.Is(err, ErrStore) {
+					t.Fatalf("removal: got %v, want ErrStore %v", err, fail)
+				}
+			}
+			if fail {
+				wantLive(t, r, reg)
+				mustJoin(t, reg, newMember("m"), RoleMember) // joinable again
+			} else {
+				wantGone(t, r, reg)
+			}
+		})
+	}
+}
+
+// TestRemovalDuringClose: a removal whose delete fails after the registry
+// closed leaves no timer behind and reports ErrClosed, not a store error.
+func TestRemovalDuringClose(t *testing.T) {
+	store := &blockingStore{entered: make(chan struct{}, 1), release: make(chan struct{}), fail: true}
+	r := newTestRegistry(Config{Store: store})
+	reg := mustCreate(t, r, "x", Lobby)
+	done := make(chan error, 1)
+	go func() { done <- reg.Remove(context.Background()) }()
+	<-store.entered
+	r.Close(1001, "server shutting down")
+	close(store.release)
+	if err := <-done; !errors.Is(err, ErrClosed) || errors.Is(err, ErrStore) {
+		t.Fatalf("removal during Close: got %v, want ErrClosed", err)
+	}
+	reg.mu.Lock()
+	armed := reg.timer != nil
+	reg.mu.Unlock()
+	if armed {
+		t.Fatal("a timer is armed on a registration the registry closed")
+	}
+}

@@ -3,11 +3,13 @@ package router
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+	"wsrouter/registry"
 
 	"github.com/coder/websocket"
 )
@@ -227,5 +229,24 @@ func TestBackendCloseAndList(t *testing.T) {
 	}
 	if code, reason := closeStatus(t, cConn); code != codeByBackend || reason != "closed by backend" {
 		t.Fatalf("closed with %d %q, want the default 4002 closed by backend", code, reason)
+	}
+}
+
+// brokenStore fails every write.
+type brokenStore struct{ registry.MemoryStore }
+
+func (*brokenStore) Put(context.Context, registry.Record) error { return errors.New("disk full") }
+func (*brokenStore) Delete(context.Context, registry.Ref) error { return errors.New("disk full") }
+
+// TestStoreFailure: a store that fails is a 503 with Retry-After (not a
+// 500), counted, and the registration stays as it was.
+func TestStoreFailure(t *testing.T) {
+	ts := newTestServer(t, Config{Registry: registry.Config{Store: &brokenStore{}}})
+	code, body, h := ts.do(t, "GET", "/register?key=a&host_key=b&reg_type=lobby", nil, nil)
+	if code != 503 || !strings.Contains(body, "storage unavailable") || h.Get("Retry-After") == "" {
+		t.Fatalf("register on a broken store: got %d %q (Retry-After %q), want 503 storage unavailable", code, body, h.Get("Retry-After"))
+	}
+	if got := metricValue(t, ts, "wsrouter_store_errors_total", "op", "register"); got != 1 {
+		t.Fatalf("store errors{op=register}: got %v, want 1", got)
 	}
 }

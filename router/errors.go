@@ -56,6 +56,10 @@ func status(err error) (int, string) {
 		return http.StatusServiceUnavailable, "too many members"
 	case errors.Is(err, registry.ErrBusy):
 		return http.StatusServiceUnavailable, "server busy"
+	case errors.Is(err, registry.ErrStore):
+		return http.StatusServiceUnavailable, "storage unavailable"
+	case errors.Is(err, registry.ErrRemoving):
+		return http.StatusServiceUnavailable, "registration being removed"
 	case errors.Is(err, registry.ErrClosed), errors.Is(err, errShuttingDown):
 		return http.StatusServiceUnavailable, "server shutting down"
 	case errors.Is(err, context.Canceled):
@@ -75,9 +79,12 @@ func writeError(w http.ResponseWriter, err error) {
 // writeStatus answers with code and msg, adding Retry-After for a rate limit.
 func writeStatus(w http.ResponseWriter, err error, code int, msg string) {
 	var rl *errRateLimited
-	if errors.As(err, &rl) {
+	switch {
+	case errors.As(err, &rl):
 		secs := int((rl.retry + time.Second - 1) / time.Second)
 		w.Header().Set("Retry-After", strconv.Itoa(max(1, secs)))
+	case errors.Is(err, registry.ErrStore), errors.Is(err, registry.ErrRemoving):
+		w.Header().Set("Retry-After", "1")
 	}
 	http.Error(w, msg, code)
 }

@@ -2,6 +2,7 @@ package router
 
 import (
 	"encoding/json"
+	"errors"
 	"net/http"
 	"strings"
 
@@ -111,6 +112,9 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 // and status (docs/protocol.md §8: every refusal is counted).
 func (rt *Router) refuse(w http.ResponseWriter, endpoint string, err error) {
 	code, _ := status(err)
+	if errors.Is(err, registry.ErrStore) {
+		rt.storeFailed(endpoint, err)
+	}
 	rt.metrics.refused(endpoint, code)
 	writeError(w, err)
 }

@@ -39,6 +39,10 @@ func (l *limitedLog) warn(kind, msg string, args ...any) {
 	l.write(slog.LevelWarn, kind, msg, args...)
 }
 
+func (l *limitedLog) error(kind, msg string, args ...any) {
+	l.write(slog.LevelError, kind, msg, args...)
+}
+
 func (l *limitedLog) info(kind, msg string, args ...any) {
 	l.write(slog.LevelInfo, kind, msg, args...)
 }

@@ -24,6 +24,7 @@ type metrics struct {
 	limited   *prometheus.CounterVec // by endpoint
 	refusals  *prometheus.CounterVec // by endpoint and status
 	sends     *prometheus.CounterVec // POST /send by result
+	storeErrs *prometheus.CounterVec // store failures by operation
 	keyChecks *prometheus.HistogramVec
 	relays    *prometheus.CounterVec
 	relayDur  prometheus.Histogram
@@ -55,6 +56,10 @@ func newMetrics() *metrics {
 			Name: "wsrouter_refusals_total",
 			Help: "Requests to /register, /connect, /remove, the backend API and /stats answered with an error status, by endpoint and status (relay requests are in wsrouter_relay_requests_total).",
 		}, []string{"endpoint", "status"}),
+		storeErrs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "wsrouter_store_errors_total",
+			Help: "Failures of the registrations' store (the -data file), by operation: register, remove (a /remove), or the store's own (GC and TTL removals, retried).",
+		}, []string{"op"}),
 		sends: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_send_requests_total",
 			Help: "POST /send requests, by result: ok, or the error status.",
@@ -88,7 +93,7 @@ func newMetrics() *metrics {
 		m.bytesIn[i] = bytes.WithLabelValues("in", typ)
 		m.bytesOut[i] = bytes.WithLabelValues("out", typ)
 	}
-	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.sends, m.keyChecks,
+	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.sends, m.storeErrs, m.keyChecks,
 		m.relays, m.relayDur, msgs, bytes,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -180,6 +185,8 @@ func (m *metrics) closed(code int) {
 	}
 	m.closes.WithLabelValues(label).Inc()
 }
+
+func (m *metrics) storeFailed(op string) { m.storeErrs.WithLabelValues(op).Inc() }
 
 func (m *metrics) sent(result string) { m.sends.WithLabelValues(result).Inc() }
 

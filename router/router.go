@@ -58,6 +58,13 @@ func New(cfg Config, log *slog.Logger) *Router {
 	// The router observes the registry's lifecycle first (metrics, logs,
 	// the relay), then whoever configured observers of their own.
 	regCfg.Observers = append([]registry.Observer{rt.observe}, regCfg.Observers...)
+	onStoreError := regCfg.OnStoreError
+	regCfg.OnStoreError = func(op, id string, err error) {
+		rt.storeFailed(op, err)
+		if onStoreError != nil {
+			onStoreError(op, id, err)
+		}
+	}
 	onKeyCheck := regCfg.OnKeyCheck
 	regCfg.OnKeyCheck = func(how registry.KeyCheck, d time.Duration) {
 		m.keyChecked(how, d)
@@ -174,6 +181,13 @@ func (rt *Router) sweep() {
 			return
 		}
 	}
+}
+
+// storeFailed logs (rate-limited) and counts a failure of the
+// registrations' store: the disk behind -data, say.
+func (rt *Router) storeFailed(op string, err error) {
+	rt.metrics.storeFailed(op)
+	rt.logs.error("store", "store failed", "op", op, "err", err)
 }
 
 // observe is the router's registry observer: metrics, logs, the relay.
