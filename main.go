@@ -397,8 +397,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			// Members, connects and relays carry on; /healthz and
 			// /register answer 503 so that a load balancer stops
 			// sending new work here before anyone is cut off.
-			log.Info("draining", "delay", o.drainDelay)
+			// Draining first, then the line that says so: whoever reads
+			// the line finds the router draining.
 			rt.SetDraining()
+			log.Info("draining", "delay", o.drainDelay)
 			t := time.NewTimer(o.drainDelay)
 			select {
 			case <-t.C:
