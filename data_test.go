@@ -279,9 +279,12 @@ func TestDataBackupWhileRunning(t *testing.T) {
 	}
 	copyPath := filepath.Join(dir, "copy.db")
 	f, _ := os.Create(copyPath)
-	io.Copy(f, resp.Body)
+	n, err := io.Copy(f, resp.Body)
 	f.Close()
 	resp.Body.Close()
+	if err != nil || resp.ContentLength <= 0 || n != resp.ContentLength {
+		t.Fatalf("/backup: read %d bytes (%v), Content-Length %d; want the whole announced length", n, err, resp.ContentLength)
+	}
 	stop()
 
 	cmdCopy := filepath.Join(dir, "cmd-copy.db")

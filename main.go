@@ -318,7 +318,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		o.router.Registry.Store = store
-		o.router.Backup = store.Backup
+		o.router.Backup = func() (io.ReadCloser, int64, error) { return store.Snapshot() }
 		log.Info("data file opened", "path", o.data, "registrations", len(recs), "took", time.Since(start))
 	}
 	rt := router.New(o.router, log)

@@ -66,9 +66,10 @@ type Config struct {
 	// X-Forwarded-For) whose last address is the client IP; empty means the
 	// socket's address.
 	TrustProxy string
-	// Backup, if set, writes a consistent copy of the registrations' data
-	// file; GET /backup serves it to the admin token's bearer.
-	Backup func(w io.Writer) (int64, error)
+	// Backup, if set, makes a consistent copy of the registrations' data
+	// file and returns it with its size; GET /backup serves it to the admin
+	// token's bearer, and closes it.
+	Backup func() (io.ReadCloser, int64, error)
 	// AdminToken enables /stats for requests bearing it; empty means no
 	// /stats.
 	AdminToken string

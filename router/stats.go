@@ -3,8 +3,10 @@ package router
 import (
 	"encoding/json"
 	"errors"
+	"io"
 	"net/http"
 	"slices"
+	"strconv"
 	"time"
 
 	"wsrouter/registry"
@@ -91,11 +93,23 @@ func (rt *Router) serveBackup(w http.ResponseWriter, r *http.Request) {
 	if !rt.requireAdmin(w, r, "backup") {
 		return
 	}
+	// A snapshot first, so that a slow client never holds the store, and
+	// a length, so that a client can tell a whole copy from a cut one.
+	snap, n, err := rt.cfg.Backup()
+	if err != nil {
+		rt.storeFailed("backup", err)
+		http.Error(w, "storage unavailable", http.StatusServiceUnavailable)
+		return
+	}
+	defer snap.Close()
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Disposition", `attachment; filename="wsrouter.db"`)
 	w.Header().Set("Cache-Control", "no-store")
-	if _, err := rt.cfg.Backup(w); err != nil {
-		rt.log.Warn("backup failed", "err", err)
+	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	if _, err := io.Copy(w, snap); err != nil {
+		// Cut the connection: a complete-looking answer must never be a
+		// partial copy.
+		panic(http.ErrAbortHandler)
 	}
 }
 

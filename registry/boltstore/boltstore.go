@@ -11,11 +11,15 @@ package boltstore
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
+	"hash/fnv"
+	"runtime/debug"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -65,6 +69,12 @@ func Open(path string) (s *Store, err error) {
 			s, err = nil, fmt.Errorf("open %s: corrupt data file: %v", path, p)
 		}
 	}()
+	// A read past the end of a truncated file's mapping is a SIGBUS, which
+	// kills the process unless the goroutine asked for a panic instead.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	if err := checkSize(path); err != nil {
+		return nil, fmt.Errorf("open %s: corrupt data file: %w", path, err)
+	}
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: lockWait})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {
@@ -85,6 +95,59 @@ func Open(path string) (s *Store, err error) {
 		return nil, fmt.Errorf("open %s: corrupt data file: %w", path, err)
 	}
 	return s, nil
+}
+
+// checkSize refuses a file shorter than its own meta page says it is: bbolt
+// would map it and fault reading past its end. An empty or missing file is a
+// new store; a file without a valid meta page is left to bbolt to refuse.
+func checkSize(path string) error {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || fi.Size() == 0 {
+		return err
+	}
+	const (
+		pageHeader = 16         // id, flags, count, overflow
+		metaLen    = 64         // magic … checksum
+		magic      = 0xED0CDAED // bbolt's
+	)
+	var best struct{ txid, end uint64 }
+	found := false
+	readMeta := func(off int64) (pageSize uint32, ok bool) {
+		var b [pageHeader + metaLen]byte
+		if _, err := f.ReadAt(b[:], off); err != nil {
+			return 0, false
+		}
+		m := b[pageHeader:]
+		le := binary.LittleEndian
+		h := fnv.New64a()
+		h.Write(m[:56])
+		if le.Uint32(m[0:]) != magic || le.Uint64(m[56:]) != h.Sum64() {
+			return 0, false
+		}
+		pageSize = le.Uint32(m[8:])
+		if txid := le.Uint64(m[48:]); !found || txid > best.txid {
+			best.txid, best.end = txid, le.Uint64(m[40:])*uint64(pageSize)
+			found = true
+		}
+		return pageSize, true
+	}
+	pageSize, ok := readMeta(0)
+	if !ok {
+		pageSize = uint32(os.Getpagesize())
+	}
+	readMeta(int64(pageSize))
+	if found && uint64(fi.Size()) < best.end {
+		return fmt.Errorf("truncated: %d bytes where the file's meta page says %d", fi.Size(), best.end)
+	}
+	return nil
 }
 
 // check walks the whole file once, so that a damaged page is found at start
@@ -129,7 +192,11 @@ func (s *Store) prepare() error {
 			return fmt.Errorf("written by a newer wsrouter (schema %d, this one knows %d)", v, Schema)
 		}
 		for ; v < Schema; v++ {
-			if err := migrations[v](tx); err != nil {
+			migrate, ok := migrations[v]
+			if !ok {
+				return fmt.Errorf("no migration from schema %d", v)
+			}
+			if err := migrate(tx); err != nil {
 				return fmt.Errorf("migrate schema %d to %d: %w", v, v+1, err)
 			}
 		}
@@ -211,6 +278,7 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 			recs, err = nil, fmt.Errorf("load %s: corrupt data file: %v", s.path, p)
 		}
 	}()
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	err = s.db.View(func(tx *bolt.Tx) error {
 		regs := tx.Bucket(bucketRegs)
 		recs = make([]registry.Record, 0, regs.Stats().KeyN)
@@ -248,9 +316,31 @@ func (s *Store) Backup(w io.Writer) (int64, error) {
 	return n, err
 }
 
+// Snapshot writes a consistent copy of the file to a temporary file beside
+// it and returns it, open at its start, with its size; the copy's name is
+// already gone, so closing the file frees it. The read transaction lasts only
+// as long as the copy to disk: a slow reader of the snapshot never holds up
+// the store's writers (a long read transaction would block bbolt's remap).
+func (s *Store) Snapshot() (*os.File, int64, error) {
+	f, err := os.CreateTemp(filepath.Dir(s.path), ".wsrouter-backup-*")
+	if err != nil {
+		return nil, 0, fmt.Errorf("snapshot %s: %w", s.path, err)
+	}
+	os.Remove(f.Name()) // the open file lives on
+	n, err := s.Backup(f)
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("snapshot %s: %w", s.path, err)
+	}
+	return f, n, nil
+}
+
 // BackupFile copies the store at path to out (which must not exist), from a
-// read transaction, while a router may be using the file: bbolt's lock is
-// shared for readers, so this waits only for a writer's lock.
+// read transaction. The file must not be held by a router (ErrLocked): a
+// running router is backed up through its GET /backup.
 func BackupFile(path, out string) (int64, error) {
 	if _, err := os.Stat(path); err != nil {
 		return 0, err
