@@ -24,6 +24,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/crypto/bcrypt"
 
 	"wsrouter/registry"
 )
@@ -288,7 +289,7 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 				return fmt.Errorf("record %q: %w", k, err)
 			}
 			typ, ok := registry.ParseType(r.Type)
-			if !ok || r.ID != string(k) || r.Generation == 0 || len(r.KeyHash) == 0 || len(r.HostKeyHash) == 0 {
+			if !ok || r.ID != string(k) || r.Generation == 0 || !isHash(r.KeyHash) || !isHash(r.HostKeyHash) {
 				return fmt.Errorf("record %q: malformed", k)
 			}
 			recs = append(recs, registry.Record{
@@ -302,6 +303,13 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 		return nil, fmt.Errorf("load %s: %w", s.path, err)
 	}
 	return recs, nil
+}
+
+// isHash reports whether b is a bcrypt hash (a garbage one would fail every
+// key check later, as an internal error).
+func isHash(b []byte) bool {
+	_, err := bcrypt.Cost(b)
+	return err == nil
 }
 
 // Backup writes a consistent copy of the file to w, from a read

@@ -12,14 +12,25 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+
 	"wsrouter/registry"
 )
 
+// hashes are real bcrypt hashes (cost 4) of "key" and "host-key": a store
+// may check that what it holds is one.
+var hashes = sync.OnceValues(func() ([]byte, []byte) {
+	k, _ := bcrypt.GenerateFromPassword([]byte("key"), bcrypt.MinCost)
+	h, _ := bcrypt.GenerateFromPassword([]byte("host-key"), bcrypt.MinCost)
+	return k, h
+})
+
 // Record returns a record with id and generation gen.
 func Record(id string, gen uint64) registry.Record {
+	k, h := hashes()
 	return registry.Record{
 		ID: id, Type: registry.HostClient, Created: time.Unix(1_700_000_000, 0).UTC(),
-		KeyHash: []byte("$2a$04$key"), HostKeyHash: []byte("$2a$04$host"), Generation: gen,
+		KeyHash: k, HostKeyHash: h, Generation: gen,
 	}
 }
 
