@@ -27,6 +27,7 @@ import (
 	"wsrouter/registry"
 	"wsrouter/registry/boltstore"
 	"wsrouter/router"
+	"wsrouter/router/webhook"
 )
 
 func main() {
@@ -124,6 +125,11 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	limit(&rc.RateBadKey, "badkey", 0.2, 10, "failed key checks allowed per second per client IP")
 	limit(&rc.RateMessage, "message", 1000, 2000, "frames (data and ping) per second per member; past it the member is closed with 1008")
 	fs.StringVar(&rc.TrustProxy, "trust-proxy", "", "header set by a reverse proxy in front whose last address is the client IP, e.g. X-Forwarded-For (empty: the socket's address)")
+	wc := &rc.Webhooks
+	fs.StringVar(&wc.Allow, "webhook-allow", "", "comma list of host patterns (hooks.example.com, *.example.com), IPs and CIDRs that registrations' webhooks may call; a webhook's every resolved address must be public or listed (empty: webhooks off)")
+	fs.DurationVar(&wc.Timeout, "webhook-timeout", 5*time.Second, "bound on each webhook call")
+	fs.IntVar(&wc.Retries, "webhook-retries", 5, "retries of a failed message or close event, with backoff (negative: none)")
+	fs.IntVar(&wc.Queue, "webhook-queue", 64, "message events of one connection that may wait before its reader stops reading")
 	fs.StringVar(&rc.AdminToken, "admin-token", "", "bearer token that enables /stats (empty: no /stats)")
 	fs.StringVar(&o.origins, "allowed-origins", "", "comma-separated browser origin host patterns allowed to connect (empty: any)")
 
@@ -185,6 +191,9 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 		// bodies' worth, a client could not have one large request
 		// pending while sending the next.
 		return nil, fmt.Errorf("-relay-max-memory %d: want 0 (the default) or at least 4 × -relay-max-body", rc.RelayMaxMemory)
+	}
+	if _, err := webhook.ParseAllow(rc.Webhooks.Allow); err != nil {
+		return nil, err
 	}
 	if o.drainDelay < 0 {
 		return nil, fmt.Errorf("-drain-delay %v: want 0 or more", o.drainDelay)

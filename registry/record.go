@@ -24,6 +24,18 @@ type Record struct {
 	// to an earlier one (a late leave, a timer, a token) can touch it.
 	// Never zero.
 	Generation uint64
+	// Webhook is where the registration's backend hears of its members;
+	// its zero value means none.
+	Webhook Webhook
+}
+
+// Webhook is a registration's webhook settings: plain data for the router's
+// webhook client. The secret is kept (it must be, to sign) and never shown.
+type Webhook struct {
+	URL    string
+	Secret []byte
+	// Events is a set of the router's webhook event bits.
+	Events uint8
 }
 
 // Spec is what Create is asked for.
@@ -35,6 +47,8 @@ type Spec struct {
 	// Key is what members present to join; HostKey what an admin presents
 	// (with Key) to remove it. Only their bcrypt hashes are kept.
 	Key, HostKey string
+	// Webhook, if its URL is set, is the registration's webhook.
+	Webhook Webhook
 }
 
 // Ref names one registration among all that ever had its id: the id and

@@ -190,6 +190,7 @@ func (r *Registry) Create(ctx context.Context, spec Spec) (*Registration, error)
 		KeyHash:     keyHash,
 		HostKeyHash: hostKeyHash,
 		Generation:  newGeneration(),
+		Webhook:     spec.Webhook,
 	}
 
 	// The id is reserved while the store writes, so that no other Create

@@ -39,6 +39,7 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 		// Accept has answered the request.
 		rt.logs.info("upgrade", "upgrade failed", "reg", c.reg.ID, "client", rt.limits.clientIP(r), "err", err)
 		c.reg.Leave(c, registry.Closure{Code: 1006})
+		c.endHooks(registry.Closure{Code: 1006})
 		close(c.gone)
 		if c.role == registry.RoleHost {
 			rt.relay.HostLeft(c.reg, c) // a relay may have picked it meanwhile
@@ -53,7 +54,9 @@ func (rt *Router) serveConnect(w http.ResponseWriter, r *http.Request) {
 	// member would otherwise cost.
 	go func() {
 		defer rt.conns.Done()
-		c.reg.Leave(c, c.serve(ws, cw.wc))
+		closure := c.serve(ws, cw.wc)
+		c.reg.Leave(c, closure)
+		c.endHooks(closure)
 	}()
 }
 
@@ -109,7 +112,16 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	rt.conns.Add(1)
 	rt.mu.Unlock()
 
-	c := rt.newConn(reg, role, name, rt.limits.clientAddr(r))
+	// The backend hears of the member before it joins, and may refuse it
+	// or name it.
+	connID, addr := newConnID(), rt.limits.clientAddr(r)
+	if given, err := rt.connectHook(r.Context(), reg, hookEvent(reg, connID, role, name, addr)); err != nil {
+		rt.conns.Done()
+		return nil, err
+	} else if given != "" {
+		name = given
+	}
+	c := rt.newConn(reg, connID, role, name, addr)
 	if err := reg.JoinNamed(c, role, name); err != nil {
 		rt.conns.Done()
 		if rt.closing.Load() {
@@ -119,6 +131,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 		}
 		return nil, err
 	}
+	c.startHooks()
 	return c, nil
 }
 

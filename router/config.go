@@ -66,6 +66,8 @@ type Config struct {
 	// X-Forwarded-For) whose last address is the client IP; empty means the
 	// socket's address.
 	TrustProxy string
+	// Webhooks are the operator's webhook settings.
+	Webhooks WebhookConfig
 	// Backup, if set, makes a consistent copy of the registrations' data
 	// file and returns it with its size; GET /backup serves it to the admin
 	// token's bearer, and closes it.
@@ -112,6 +114,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.RelayQueueBytes <= 0 {
 		c.RelayQueueBytes = max(8<<20, 3*c.RelayMaxBody)
+	}
+	if c.Webhooks.Queue <= 0 {
+		c.Webhooks.Queue = 64
 	}
 	if c.RelayMaxMemory <= 0 {
 		c.RelayMaxMemory = relay.DefaultMaxMemory

@@ -20,6 +20,7 @@ import (
 
 	"wsrouter/registry"
 	"wsrouter/router/relay"
+	"wsrouter/router/webhook"
 )
 
 // conn is one member: a WebSocket joined to a registration. One goroutine
@@ -38,6 +39,12 @@ type conn struct {
 	name        string
 	remoteAddr  string
 	connectedAt time.Time
+
+	// hookQueue carries the connection's message and close events to its
+	// registration's backend, hookEvents those it wants; nil and 0 without
+	// a webhook. Set before the connection is served.
+	hookQueue  *webhook.Queue
+	hookEvents webhook.Events
 
 	// queue is the bounded send queue. Fan-out never blocks on it: a full
 	// queue closes the connection as a slow consumer.
@@ -69,8 +76,7 @@ func newConnID() string {
 	return hex.EncodeToString(b[:])
 }
 
-func (rt *Router) newConn(reg *registry.Registration, role registry.Role, name, remoteAddr string) *conn {
-	id := newConnID()
+func (rt *Router) newConn(reg *registry.Registration, id string, role registry.Role, name, remoteAddr string) *conn {
 	log := rt.log.With("reg", reg.ID, "role", role.String(), "conn", id)
 	if name != "" {
 		log = log.With("name", name)
@@ -244,6 +250,7 @@ func (c *conn) readLoop(ctx context.Context) error {
 		}
 		n := c.reg.Publish(c, c.role, msg)
 		c.rt.metrics.messagesOut(msg, n)
+		c.hookMessage(ctx, msg)
 	}
 }
 

@@ -42,6 +42,10 @@ func status(err error) (int, string) {
 		return http.StatusForbidden, "forbidden"
 	case errors.Is(err, errOrigin):
 		return http.StatusForbidden, "origin not allowed"
+	case errors.Is(err, errWebhookRefused):
+		return http.StatusForbidden, "refused by the registration's backend"
+	case errors.Is(err, errWebhookFailed):
+		return http.StatusServiceUnavailable, "the registration's backend did not answer"
 	case errors.Is(err, registry.ErrNameTaken):
 		return http.StatusConflict, "name held by a member of another role"
 	case errors.Is(err, registry.ErrExists):

@@ -48,7 +48,11 @@ func (rt *Router) register(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	reg, err := rt.registry.Create(r.Context(), registry.Spec{ID: idReq, Type: typ, Key: cred.key, HostKey: cred.hostKey})
+	wh, err := rt.webhookSpec(p)
+	if err != nil {
+		return err
+	}
+	reg, err := rt.registry.Create(r.Context(), registry.Spec{ID: idReq, Type: typ, Key: cred.key, HostKey: cred.hostKey, Webhook: wh})
 	if err != nil {
 		return err
 	}

@@ -18,13 +18,14 @@ import (
 type metrics struct {
 	prom *prometheus.Registry
 
-	created   *prometheus.CounterVec // by type
-	removed   *prometheus.CounterVec // by cause
-	closes    *prometheus.CounterVec // by code
-	limited   *prometheus.CounterVec // by endpoint
-	refusals  *prometheus.CounterVec // by endpoint and status
-	sends     *prometheus.CounterVec // POST /send by result
-	storeErrs *prometheus.CounterVec // store failures by operation
+	created   *prometheus.CounterVec   // by type
+	removed   *prometheus.CounterVec   // by cause
+	closes    *prometheus.CounterVec   // by code
+	limited   *prometheus.CounterVec   // by endpoint
+	refusals  *prometheus.CounterVec   // by endpoint and status
+	sends     *prometheus.CounterVec   // POST /send by result
+	storeErrs *prometheus.CounterVec   // store failures by operation
+	hookCalls *prometheus.HistogramVec // webhook calls by event and result
 	keyChecks *prometheus.HistogramVec
 	relays    *prometheus.CounterVec
 	relayDur  prometheus.Histogram
@@ -56,6 +57,11 @@ func newMetrics() *metrics {
 			Name: "wsrouter_refusals_total",
 			Help: "Requests to /register, /connect, /remove, the backend API and /stats answered with an error status, by endpoint and status (relay requests are in wsrouter_relay_requests_total).",
 		}, []string{"endpoint", "status"}),
+		hookCalls: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "wsrouter_webhook_call_seconds",
+			Help:    "Webhook calls, by event (connect, message, close) and result (ok, refused, retried, failed, dropped), and how long each took.",
+			Buckets: []float64{.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"event", "result"}),
 		storeErrs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_store_errors_total",
 			Help: "Failures of the registrations' store (the -data file), by operation: register, remove (a /remove), or the store's own (GC and TTL removals, retried).",
@@ -93,7 +99,7 @@ func newMetrics() *metrics {
 		m.bytesIn[i] = bytes.WithLabelValues("in", typ)
 		m.bytesOut[i] = bytes.WithLabelValues("out", typ)
 	}
-	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.sends, m.storeErrs, m.keyChecks,
+	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.sends, m.storeErrs, m.hookCalls, m.keyChecks,
 		m.relays, m.relayDur, msgs, bytes,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -184,6 +190,10 @@ func (m *metrics) closed(code int) {
 		label = "write_failed"
 	}
 	m.closes.WithLabelValues(label).Inc()
+}
+
+func (m *metrics) webhookCall(event, result string, d time.Duration) {
+	m.hookCalls.WithLabelValues(event, result).Observe(d.Seconds())
 }
 
 func (m *metrics) storeFailed(op string) { m.storeErrs.WithLabelValues(op).Inc() }

@@ -13,6 +13,7 @@ import (
 
 	"wsrouter/registry"
 	"wsrouter/router/relay"
+	"wsrouter/router/webhook"
 )
 
 // Router is wsrouter's HTTP and WebSocket edge. It implements http.Handler.
@@ -22,10 +23,13 @@ type Router struct {
 	log      *slog.Logger
 	logs     *limitedLog // events a client can cause at will
 	auth     authenticator
-	mux      *httprouter.Router
-	metrics  *metrics
-	relay    *relay.Proxy
-	limits   *limits
+	hooks    *webhook.Client // webhook calls for every registration
+	// hookAllow is -webhook-allow parsed; nil: webhooks are off.
+	hookAllow *webhook.Allow
+	mux       *httprouter.Router
+	metrics   *metrics
+	relay     *relay.Proxy
+	limits    *limits
 
 	baseCtx    context.Context // parent of every connection's context
 	cancelBase context.CancelFunc
@@ -52,6 +56,13 @@ func New(cfg Config, log *slog.Logger) *Router {
 	m := newMetrics()
 	rt := &Router{cfg: cfg, log: log, logs: newLimitedLog(log), metrics: m}
 	rt.auth = authenticator{rt}
+	// main refuses a malformed -webhook-allow at start; here one would
+	// simply turn webhooks off.
+	rt.hookAllow, _ = webhook.ParseAllow(cfg.Webhooks.Allow)
+	rt.hooks = webhook.New(webhook.Config{
+		Allow: rt.hookAllow, Timeout: cfg.Webhooks.Timeout, Retries: cfg.Webhooks.Retries,
+		MaxCalls: cfg.Webhooks.MaxCalls, Backoff: cfg.Webhooks.Backoff, Observe: m.webhookCall,
+	})
 	rt.relay = rt.newRelay()
 	rt.limits = newLimits(&cfg, time.Now)
 	regCfg := cfg.Registry

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"wsrouter/registry"
+	"wsrouter/router/webhook"
 )
 
 // statsReply is the JSON of /stats. It never carries keys or hashes.
@@ -35,9 +36,16 @@ type regStats struct {
 	LastActive  time.Time      `json:"last_active"`
 	MessagesIn  uint64         `json:"messages_in"`
 	MessagesOut uint64         `json:"messages_out"`
-	// Names are the members' names (docs/protocol.md §9), sorted;
+	// Names are the members' names (docs/protocol.md §10), sorted;
 	// omitted when nobody has one.
 	Names []string `json:"names,omitempty"`
+	// Webhook is the registration's webhook, without its secret.
+	Webhook *webhookStats `json:"webhook,omitempty"`
+}
+
+type webhookStats struct {
+	URL    string `json:"url"`
+	Events string `json:"events"`
 }
 
 // serveStats answers /stats for the admin token's bearer only (docs/protocol.md §8).
@@ -66,6 +74,9 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		slices.Sort(rs.Names)
+		if reg.Webhook.URL != "" {
+			rs.Webhook = &webhookStats{reg.Webhook.URL, webhook.Events(reg.Webhook.Events).String()}
+		}
 		if reg.Type == registry.Lobby {
 			rs.Members = map[string]int{"member": members}
 		} else {

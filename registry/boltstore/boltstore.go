@@ -225,11 +225,17 @@ type record struct {
 	KeyHash     []byte    `json:"key_hash"`
 	HostKeyHash []byte    `json:"host_key_hash"`
 	Generation  uint64    `json:"generation"`
+	// Webhook settings, absent when none (a schema 1 addition that older
+	// records simply lack).
+	WebhookURL    string `json:"webhook_url,omitempty"`
+	WebhookSecret []byte `json:"webhook_secret,omitempty"`
+	WebhookEvents uint8  `json:"webhook_events,omitempty"`
 }
 
 // Put implements registry.Store. Concurrent Puts share one commit.
 func (s *Store) Put(_ context.Context, rec registry.Record) error {
-	b, err := json.Marshal(record{rec.ID, rec.Type.String(), rec.Created.UTC(), rec.KeyHash, rec.HostKeyHash, rec.Generation})
+	b, err := json.Marshal(record{rec.ID, rec.Type.String(), rec.Created.UTC(), rec.KeyHash, rec.HostKeyHash, rec.Generation,
+		rec.Webhook.URL, rec.Webhook.Secret, rec.Webhook.Events})
 	if err != nil {
 		return err
 	}
@@ -295,6 +301,7 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 			recs = append(recs, registry.Record{
 				ID: r.ID, Type: typ, Created: r.Created, KeyHash: r.KeyHash,
 				HostKeyHash: r.HostKeyHash, Generation: r.Generation,
+				Webhook: registry.Webhook{URL: r.WebhookURL, Secret: r.WebhookSecret, Events: r.WebhookEvents},
 			})
 			return nil
 		})

@@ -34,11 +34,19 @@ func Record(id string, gen uint64) registry.Record {
 	}
 }
 
+// hooked is Record with webhook settings.
+func hooked(id string, gen uint64) registry.Record {
+	r := Record(id, gen)
+	r.Webhook = registry.Webhook{URL: "https://hooks.example/" + id, Secret: []byte("0123456789abcdef"), Events: 5}
+	return r
+}
+
 // Equal reports whether two records are the same, times compared as
 // instants.
 func Equal(a, b registry.Record) bool {
 	return a.ID == b.ID && a.Type == b.Type && a.Created.Equal(b.Created) && a.Generation == b.Generation &&
-		string(a.KeyHash) == string(b.KeyHash) && string(a.HostKeyHash) == string(b.HostKeyHash)
+		string(a.KeyHash) == string(b.KeyHash) && string(a.HostKeyHash) == string(b.HostKeyHash) &&
+		a.Webhook.URL == b.Webhook.URL && string(a.Webhook.Secret) == string(b.Webhook.Secret) && a.Webhook.Events == b.Webhook.Events
 }
 
 // Run runs the suite against fresh stores from newStore.
@@ -61,6 +69,8 @@ func Run(t *testing.T, newStore func(t *testing.T) registry.Store) {
 	}{
 		{"put a", func(s registry.Store) error { return s.Put(ctx, Record("a", 1)) }, nil, []registry.Record{Record("a", 1)}},
 		{"put b", func(s registry.Store) error { return s.Put(ctx, Record("b", 2)) }, nil, []registry.Record{Record("a", 1), Record("b", 2)}},
+		{"put c with a webhook", func(s registry.Store) error { return s.Put(ctx, hooked("c", 5)) }, nil, []registry.Record{Record("a", 1), Record("b", 2), hooked("c", 5)}},
+		{"delete c", func(s registry.Store) error { return s.Delete(ctx, registry.Ref{ID: "c", Generation: 5}) }, nil, []registry.Record{Record("a", 1), Record("b", 2)}},
 		{"put a again", func(s registry.Store) error { return s.Put(ctx, Record("a", 3)) }, registry.ErrExists, []registry.Record{Record("a", 1), Record("b", 2)}},
 		{"delete a of another generation", func(s registry.Store) error { return s.Delete(ctx, registry.Ref{ID: "a", Generation: 99}) }, nil, []registry.Record{Record("a", 1), Record("b", 2)}},
 		{"delete nothing", func(s registry.Store) error { return s.Delete(ctx, registry.Ref{ID: "nobody", Generation: 1}) }, nil, []registry.Record{Record("a", 1), Record("b", 2)}},
