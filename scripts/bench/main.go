@@ -24,6 +24,8 @@
 //	         -server-flags "-data FILE" the records go to a data file)
 //	send     -c backends POST /send to one of -members members by connection
 //	         id (wsrouter only): requests/s, latency, loss
+//	webhook  -members clients send as fast as the router takes them; a local
+//	         receiver counts their message webhooks (wsrouter only)
 //	storm    -n members connect at once to one registration nobody joined
 //	         yet (a fleet after a restart): admitted, refused, time to all in
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
@@ -82,6 +84,7 @@ var scenarios = []scenario{
 	{"relay", "HTTP requests relayed to a host, beside a direct HTTP server: round trips/s, latency", newRelay},
 	{"register", "fresh registrations at concurrency -c (-targets wsrouter; -server-flags \"-data FILE\" for a data file): registers/s", newRegister},
 	{"send", "POST /send to one of many members by connection id (-targets wsrouter): requests/s, latency, loss", newSend},
+	{"webhook", "message webhooks from many members to a local receiver (-targets wsrouter): events/s, loss", newWebhook},
 	{"storm", "many first connects at once to one registration (one key, one bcrypt): admitted, refused, seconds until all are in", newStorm},
 }
 
