@@ -462,3 +462,44 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) bool {
 		return false
 	}
 }
+
+// closedLoop runs conc workers until deadline, each sending requests made
+// by newReq one after another, and returns the latency of every one answered
+// 200; the others are tallied in failures.
+func (t *target) closedLoop(ctx context.Context, conc int, deadline time.Time, failures *tally, newReq func() (*http.Request, error)) []time.Duration {
+	var (
+		mu  sync.Mutex
+		lat []time.Duration
+		wg  sync.WaitGroup
+	)
+	for range conc {
+		wg.Go(func() {
+			var mine []time.Duration
+			for time.Now().Before(deadline) && ctx.Err() == nil {
+				req, err := newReq()
+				if err != nil {
+					failures.add("request", err)
+					return
+				}
+				t0 := time.Now()
+				resp, err := t.dial.client().Do(req)
+				if err != nil {
+					failures.add("http", err)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					failures.add(fmt.Sprint("status ", resp.StatusCode), nil)
+					continue
+				}
+				mine = append(mine, time.Since(t0))
+			}
+			mu.Lock()
+			lat = append(lat, mine...)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return lat
+}

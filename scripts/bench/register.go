@@ -5,10 +5,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
-	"sync"
 	"time"
 )
 
@@ -54,42 +52,15 @@ func (b *registerBench) describe() string {
 func (b *registerBench) run(ctx context.Context, t *target) (*result, error) {
 	res := newResult()
 	t.progress("registering for %v, %d at once", b.o.duration, b.conc)
-	var (
-		failures tally
-		mu       sync.Mutex
-		lat      []time.Duration
-		wg       sync.WaitGroup
-	)
+	var failures tally
 	cpu, err := startCPU(t.srv)
 	if err != nil {
 		return res, err
 	}
-	deadline := time.Now().Add(b.o.duration)
-	for range b.conc {
-		wg.Go(func() {
-			var mine []time.Duration
-			for time.Now().Before(deadline) && ctx.Err() == nil {
-				q := url.Values{"key": {randHex(16)}, "host_key": {randHex(16)}, "reg_type": {"lobby"}}
-				t0 := time.Now()
-				resp, err := t.dial.client().Post("http://"+t.srv.addr+"/register?"+q.Encode(), "", nil)
-				if err != nil {
-					failures.add("http", err)
-					continue
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					failures.add(fmt.Sprint("status ", resp.StatusCode), nil)
-					continue
-				}
-				mine = append(mine, time.Since(t0))
-			}
-			mu.Lock()
-			lat = append(lat, mine...)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
+	lat := t.closedLoop(ctx, b.conc, time.Now().Add(b.o.duration), &failures, func() (*http.Request, error) {
+		q := url.Values{"key": {randHex(16)}, "host_key": {randHex(16)}, "reg_type": {"lobby"}}
+		return http.NewRequestWithContext(ctx, http.MethodPost, "http://"+t.srv.addr+"/register?"+q.Encode(), nil)
+	})
 	wall, srvCPU, cliCPU, err := cpu.end()
 	if err != nil {
 		return res, err

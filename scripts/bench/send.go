@@ -103,45 +103,20 @@ func (b *sendBench) run(ctx context.Context, t *target) (*result, error) {
 
 	msg := strings.Repeat("x", b.size)
 	t.progress("sending for %v, %d at once", b.o.duration, b.conc)
-	var (
-		failures tally
-		mu       sync.Mutex
-		lat      []time.Duration
-		wg       sync.WaitGroup
-	)
+	var failures tally
 	cpu, err := startCPU(t.srv)
 	if err != nil {
 		return res, err
 	}
-	deadline := time.Now().Add(b.o.duration)
-	for range b.conc {
-		wg.Go(func() {
-			var mine []time.Duration
-			for time.Now().Before(deadline) && ctx.Err() == nil {
-				u := "http://" + t.srv.addr + "/send?" + url.Values{"id": {r.id}, "conn": {ids[rand.IntN(len(ids))]}}.Encode()
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, u, strings.NewReader(msg))
-				req.Header.Set("X-Host-Key", hostKey)
-				req.Header.Set("Content-Type", "text/plain")
-				t0 := time.Now()
-				resp, err := t.dial.client().Do(req)
-				if err != nil {
-					failures.add("http", err)
-					continue
-				}
-				io.Copy(io.Discard, resp.Body)
-				resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
-					failures.add(fmt.Sprint("status ", resp.StatusCode), nil)
-					continue
-				}
-				mine = append(mine, time.Since(t0))
-			}
-			mu.Lock()
-			lat = append(lat, mine...)
-			mu.Unlock()
-		})
-	}
-	wg.Wait()
+	lat := t.closedLoop(ctx, b.conc, time.Now().Add(b.o.duration), &failures, func() (*http.Request, error) {
+		u := "http://" + t.srv.addr + "/send?" + url.Values{"id": {r.id}, "conn": {ids[rand.IntN(len(ids))]}}.Encode()
+		req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, strings.NewReader(msg))
+		if err == nil {
+			req.Header.Set("X-Host-Key", hostKey)
+			req.Header.Set("Content-Type", "text/plain")
+		}
+		return req, err
+	})
 	wall, srvCPU, cliCPU, err := cpu.end()
 	if err != nil {
 		return res, err
