@@ -35,9 +35,8 @@ type WebhookConfig struct {
 }
 
 var (
-	errWebhookRefused  = errors.New("refused by the registration's backend")
-	errWebhookFailed   = errors.New("the registration's backend did not answer")
-	errBadWebhookParam = errors.New("bad webhook parameters")
+	errWebhookRefused = errors.New("refused by the registration's backend")
+	errWebhookFailed  = errors.New("the registration's backend did not answer")
 )
 
 // webhookSpec reads /register's webhook, webhook_secret and webhook_events.
