@@ -78,7 +78,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	cred, err := readCredentials(p, needKey)
+	cred, err := readCredentials(p, needKey|orToken)
 	if err != nil {
 		return nil, err
 	}
@@ -92,15 +92,33 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	role, err := p.role(reg.Type)
-	if err != nil {
+	// With a token, sock_type may be left out: the token's role is used.
+	var role registry.Role
+	if sockType, err := p.get("sock_type"); err != nil {
 		return nil, err
+	} else if cred.token == "" || sockType != "" || reg.Type == registry.Lobby {
+		if role, err = p.role(reg.Type); err != nil {
+			return nil, err
+		}
 	}
 	name, err := p.name("name")
 	if err != nil {
 		return nil, err
 	}
-	if err := rt.auth.member(r, "connect", reg, cred); err != nil {
+	var tokenKey string
+	if cred.token != "" {
+		claims, granted, err := rt.auth.token(r, "connect", reg, cred.token, role)
+		if err != nil {
+			return nil, err
+		}
+		role, tokenKey = granted, claims.KeyID
+		if name == "" && claims.Name != "" {
+			if !validName(claims.Name) {
+				return nil, paramError("the token's sub is not a member name (1 to 64 of A-Z a-z 0-9 . _ - @ :): give name")
+			}
+			name = claims.Name
+		}
+	} else if err := rt.auth.member(r, "connect", reg, cred); err != nil {
 		return nil, err
 	}
 
@@ -122,6 +140,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 		name = given
 	}
 	c := rt.newConn(reg, connID, role, name, addr)
+	c.tokenKey = tokenKey
 	if err := reg.JoinNamed(c, role, name); err != nil {
 		rt.conns.Done()
 		if rt.closing.Load() {

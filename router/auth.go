@@ -9,14 +9,15 @@ import (
 	"time"
 
 	"wsrouter/registry"
+	"wsrouter/router/token"
 )
 
 // This file is the one place that reads and checks credentials, for every
 // endpoint. A request presents a registration's key (query or form `key`, or
 // X-Key), its host key (`host_key`, or X-Host-Key) or the admin token
 // (Authorization: Bearer); the authenticator answers whether the caller is
-// a member of a registration, its owner, or the operator. Tokens will be one
-// more kind of credential read and checked here.
+// a member of a registration, its owner, or the operator. A token
+// (tokens.go) stands in for the key where docs/protocol.md §12 allows one.
 
 // errUnauthorized is a missing or wrong admin bearer: 401.
 var errUnauthorized = errors.New("unauthorized")
@@ -25,6 +26,8 @@ var errUnauthorized = errors.New("unauthorized")
 // in an error.
 type credentials struct {
 	key, hostKey string
+	// token, when set, stands in for key (docs/protocol.md §12).
+	token string
 }
 
 // need says which credentials an endpoint requires.
@@ -33,15 +36,30 @@ type need uint8
 const (
 	needKey need = 1 << iota
 	needHostKey
+	// orToken lets a token stand in for the key.
+	orToken
 )
 
 // readCredentials reads the credentials of a request's parameters: each
 // from its parameter or, failing that, its header. Those in want are
-// required (400 when missing); every one must be 1 to 72 bytes.
+// required (400 when missing); a key must be 1 to 72 bytes. With orToken, a
+// token replaces the key; both at once is a 400, since the caller cannot
+// mean both.
 func readCredentials(p *params, want need) (credentials, error) {
 	var c credentials
 	var err error
-	if want&needKey != 0 {
+	if want&orToken != 0 {
+		if c.token, err = p.token(); err != nil {
+			return c, err
+		}
+	}
+	if c.token != "" {
+		if k, err := p.credential("key", "X-Key"); err != nil {
+			return c, err
+		} else if k != "" {
+			return c, paramError("give key or token, not both")
+		}
+	} else if want&needKey != 0 {
 		if c.key, err = p.key("key", "X-Key"); err != nil {
 			return c, err
 		}
@@ -116,6 +134,42 @@ func (a authenticator) backend(r *http.Request, endpoint string, reg *registry.R
 		g.failed(reg.ID, 0)
 	}
 	return err
+}
+
+// token checks tok for reg on behalf of endpoint: its signature, times and
+// scope, and, unless want is 0, that it opens the role want. A refusal is
+// the 403 of a wrong key: it takes a failed-key token (docs/protocol.md §8)
+// and is counted by reason; the token itself is never logged.
+func (a authenticator) token(r *http.Request, endpoint string, reg *registry.Registration, tok string, want registry.Role) (token.Claims, registry.Role, error) {
+	g := a.rt.keyGuard(r, endpoint)
+	if err := g.lockout(); err != nil {
+		return token.Claims{}, 0, err
+	}
+	c, err := a.rt.tokens.verify.Verify(tok)
+	if err == nil {
+		err = c.Grants(reg.ID, reg.Generation)
+	}
+	var role registry.Role
+	if err == nil {
+		if role, err = roleOf(reg.Type, "role", c.Role); err != nil {
+			err = token.ScopeError("role %q is not one of the registration's", c.Role)
+		} else if want != 0 && role != want {
+			err = token.ScopeError("a %s token, not %s", role, want)
+		}
+	}
+	if err != nil {
+		var te *token.Error
+		reason := token.Malformed
+		if errors.As(err, &te) {
+			reason = te.Reason
+		}
+		a.rt.metrics.tokens.WithLabelValues(string(reason)).Inc()
+		g.failed(reg.ID, 1)
+		a.rt.logs.warn("badtoken", "token refused", "endpoint", endpoint, "client", g.ip, "reg", reg.ID, "reason", reason)
+		return c, 0, fmt.Errorf("%w: %w", registry.ErrForbidden, err)
+	}
+	a.rt.metrics.tokens.WithLabelValues("ok").Inc()
+	return c, role, nil
 }
 
 // admin reports (nil) whether bearer is the admin token. A wrong token is a

@@ -100,7 +100,7 @@ func (t *backendTarget) selector(allowRole, allowNone bool) (registry.Selector, 
 			return sel, err
 		}
 		if to != "" {
-			if sel.Role, err = roleOf(t.reg.Type, to); err != nil {
+			if sel.Role, err = roleOf(t.reg.Type, "to", to); err != nil {
 				return sel, err
 			}
 			n++
@@ -141,7 +141,7 @@ func (t *backendTarget) closeParams() (code int, reason string, err error) {
 }
 
 // roleOf parses a role that registrations of type t have.
-func roleOf(t registry.Type, s string) (registry.Role, error) {
+func roleOf(t registry.Type, param, s string) (registry.Role, error) {
 	switch {
 	case t == registry.Lobby && s == "member":
 		return registry.RoleMember, nil
@@ -150,9 +150,9 @@ func roleOf(t registry.Type, s string) (registry.Role, error) {
 		return role, nil
 	}
 	if t == registry.Lobby {
-		return 0, paramError("bad to: a lobby has only member")
+		return 0, paramError("bad %s: a lobby has only member", param)
 	}
-	return 0, paramError("bad to: want host or client")
+	return 0, paramError("bad %s: want host or client", param)
 }
 
 // isText reports whether a /send body of content type ct goes out as a text

@@ -68,6 +68,8 @@ type Config struct {
 	TrustProxy string
 	// Webhooks are the operator's webhook settings.
 	Webhooks WebhookConfig
+	// Tokens configures tokens (docs/protocol.md §12).
+	Tokens TokenConfig
 	// Backup, if set, makes a consistent copy of the registrations' data
 	// file and returns it with its size; GET /backup serves it to the admin
 	// token's bearer, and closes it.

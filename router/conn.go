@@ -39,6 +39,9 @@ type conn struct {
 	name        string
 	remoteAddr  string
 	connectedAt time.Time
+	// tokenKey names the key that signed the token the member was
+	// admitted with; "" when admitted with a key. Immutable.
+	tokenKey string
 
 	// hookQueue carries the connection's message and close events to its
 	// registration's backend, hookEvents those it wants; nil and 0 without

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"wsrouter/registry"
+	"wsrouter/router/token"
 )
 
 // metrics holds the router's Prometheus metrics on a registry of its own, so
@@ -27,6 +28,8 @@ type metrics struct {
 	storeErrs *prometheus.CounterVec   // store failures by operation
 	hookCalls *prometheus.HistogramVec // webhook calls by event and result
 	keyChecks *prometheus.HistogramVec
+	tokens    *prometheus.CounterVec // tokens checked, by result
+	minted    prometheus.Counter
 	relays    *prometheus.CounterVec
 	relayDur  prometheus.Histogram
 
@@ -75,6 +78,14 @@ func newMetrics() *metrics {
 			Help:    "Key checks, by how they were decided (bcrypt, remembered, or shared: waited for a bcrypt of the same key), waiting for a hash worker included.",
 			Buckets: []float64{.00001, .0001, .001, .01, .025, .05, .1, .25, .5, 1, 2.5},
 		}, []string{"how"}),
+		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "wsrouter_token_checks_total",
+			Help: "Tokens presented to /connect, /relay and /publish, by result: ok, or why refused (malformed, algorithm, signature, expired, not_yet_valid, audience, scope).",
+		}, []string{"result"}),
+		minted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "wsrouter_tokens_issued_total",
+			Help: "Tokens minted by POST /token.",
+		}),
 		relays: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_relay_requests_total",
 			Help: "Relay requests, by HTTP status answered.",
@@ -93,6 +104,10 @@ func newMetrics() *metrics {
 		Name: "wsrouter_message_bytes_total",
 		Help: "Data message payload bytes, by direction and frame type.",
 	}, []string{"direction", "type"})
+	m.tokens.WithLabelValues("ok")
+	for _, r := range token.Reasons {
+		m.tokens.WithLabelValues(string(r))
+	}
 	for i, typ := range []string{"text", "binary"} {
 		m.msgsIn[i] = msgs.WithLabelValues("in", typ)
 		m.msgsOut[i] = msgs.WithLabelValues("out", typ)
@@ -100,7 +115,7 @@ func newMetrics() *metrics {
 		m.bytesOut[i] = bytes.WithLabelValues("out", typ)
 	}
 	m.prom.MustRegister(m.created, m.removed, m.closes, m.limited, m.refusals, m.sends, m.storeErrs, m.hookCalls, m.keyChecks,
-		m.relays, m.relayDur, msgs, bytes,
+		m.tokens, m.minted, m.relays, m.relayDur, msgs, bytes,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"wsrouter/registry"
+	"wsrouter/router/token"
 )
 
 // maxFormBytes bounds a POSTed form: the parameters are an id and two keys.
@@ -134,24 +135,42 @@ func (p *params) id(name string, required bool) (string, error) {
 // key returns a required credential from the parameter name or, failing that,
 // the header. The value is never put in an error.
 func (p *params) key(name, header string) (string, error) {
-	v, err := p.get(name)
+	v, err := p.credential(name, header)
 	if err != nil {
 		return "", err
-	}
-	if v == "" {
-		hv := p.r.Header.Values(header)
-		if len(hv) > 1 {
-			return "", paramError("header %s given more than once", header)
-		}
-		if len(hv) == 1 {
-			v = hv[0]
-		}
 	}
 	if v == "" {
 		return "", paramError("missing %s", name)
 	}
 	if !validKey(v) {
 		return "", paramError("%s longer than %d bytes", name, registry.MaxKeyLen)
+	}
+	return v, nil
+}
+
+// token returns the token parameter or, failing that, the X-Token header;
+// "" when neither is given.
+func (p *params) token() (string, error) {
+	v, err := p.credential("token", "X-Token")
+	if err == nil && len(v) > token.MaxLen {
+		err = paramError("token longer than %d bytes", token.MaxLen)
+	}
+	return v, err
+}
+
+// credential returns the parameter name or, failing that, the header; ""
+// when neither is given.
+func (p *params) credential(name, header string) (string, error) {
+	v, err := p.get(name)
+	if err != nil || v != "" {
+		return v, err
+	}
+	hv := p.r.Header.Values(header)
+	if len(hv) > 1 {
+		return "", paramError("header %s given more than once", header)
+	}
+	if len(hv) == 1 {
+		v = hv[0]
 	}
 	return v, nil
 }

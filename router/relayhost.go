@@ -41,15 +41,14 @@ func (rt *Router) routeRelay(w http.ResponseWriter, r *http.Request) (*relay.Tar
 	if !ok || !validID(id) {
 		return nil, paramError("malformed relay path: want /relay/{id}/{path}")
 	}
-	// Only the query's key is the router's, and it is not forwarded; a
-	// form field named key in the body is the device's business.
+	// Only the query's key and token are the router's, and they are not
+	// forwarded; a form field of those names in the body is the device's
+	// business.
 	query := r.URL.Query()
-	keys := query["key"]
-	if len(keys) > 1 {
-		return nil, paramError("parameter key given more than once")
-	}
+	mine := map[string][]string{"key": query["key"], "token": query["token"]}
 	query.Del("key")
-	cred, err := readCredentials(&params{r: r, vals: map[string][]string{"key": keys}}, needKey)
+	query.Del("token")
+	cred, err := readCredentials(&params{r: r, vals: mine}, needKey|orToken)
 	if err != nil {
 		return nil, err
 	}
@@ -57,7 +56,12 @@ func (rt *Router) routeRelay(w http.ResponseWriter, r *http.Request) (*relay.Tar
 	if err != nil {
 		return nil, err
 	}
-	if err := rt.auth.member(r, "relay", reg, cred); err != nil {
+	if cred.token != "" {
+		// A client token: the caller speaks to the device as a client.
+		if _, _, err := rt.auth.token(r, "relay", reg, cred.token, registry.RoleClient); err != nil {
+			return nil, err
+		}
+	} else if err := rt.auth.member(r, "relay", reg, cred); err != nil {
 		return nil, err
 	}
 	if reg.Type != registry.HostClient {

@@ -30,6 +30,7 @@ type Router struct {
 	metrics   *metrics
 	relay     *relay.Proxy
 	limits    *limits
+	tokens    *tokens
 
 	baseCtx    context.Context // parent of every connection's context
 	cancelBase context.CancelFunc
@@ -56,6 +57,10 @@ func New(cfg Config, log *slog.Logger) *Router {
 	m := newMetrics()
 	rt := &Router{cfg: cfg, log: log, logs: newLimitedLog(log), metrics: m}
 	rt.auth = authenticator{rt}
+	var err error
+	if rt.tokens, err = newTokens(cfg.Tokens); err != nil {
+		panic("router: " + err.Error()) // a Key that is not Ed25519: the caller's mistake
+	}
 	// main refuses a malformed -webhook-allow at start; here one would
 	// simply turn webhooks off.
 	rt.hookAllow, _ = webhook.ParseAllow(cfg.Webhooks.Allow)
@@ -101,7 +106,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 		if r.Header.Get("Access-Control-Request-Method") != "" {
 			h := w.Header()
 			h.Set("Access-Control-Allow-Methods", h.Get("Allow"))
-			h.Set("Access-Control-Allow-Headers", "X-Key, X-Host-Key, Content-Type, Authorization")
+			h.Set("Access-Control-Allow-Headers", "X-Key, X-Host-Key, X-Token, Content-Type, Authorization")
 			h.Set("Access-Control-Max-Age", "86400")
 		}
 		w.WriteHeader(http.StatusNoContent)
@@ -117,6 +122,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodDelete} {
 		mux.HandlerFunc(m, "/remove", rt.serveRemove)
 	}
+	mux.HandlerFunc(http.MethodPost, "/token", rt.serveToken)
 	mux.HandlerFunc(http.MethodPost, "/send", rt.serveSend)
 	mux.HandlerFunc(http.MethodDelete, "/member", rt.serveCloseMember)
 	mux.HandlerFunc(http.MethodGet, "/members", rt.serveMembers)
