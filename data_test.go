@@ -164,8 +164,8 @@ var binary = sync.OnceValues(func() (string, error) {
 })
 
 // startBinary starts the real binary and returns its base URL once it
-// listens.
-func startBinary(t *testing.T, args ...string) (*exec.Cmd, string) {
+// listens, and its log lines (dropped when nobody reads them).
+func startBinary(t *testing.T, args ...string) (*exec.Cmd, string, <-chan string) {
 	t.Helper()
 	bin, err := binary()
 	if err != nil {
@@ -178,21 +178,27 @@ func startBinary(t *testing.T, args ...string) (*exec.Cmd, string) {
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	addr := make(chan string, 1)
+	lines := make(chan string, 1000)
 	go func() {
+		defer close(lines)
 		sc := bufio.NewScanner(stderr)
 		for sc.Scan() {
 			var rec struct{ Msg, Addr string }
 			if json.Unmarshal(sc.Bytes(), &rec) == nil && rec.Msg == "listening" {
 				addr <- rec.Addr
 			}
+			select {
+			case lines <- sc.Text():
+			default:
+			}
 		}
 	}()
 	select {
 	case a := <-addr:
-		return cmd, "http://" + a
+		return cmd, "http://" + a, lines
 	case <-time.After(60 * time.Second):
 		t.Fatal("the binary did not start listening")
-		return nil, ""
+		return nil, "", nil
 	}
 }
 
@@ -204,7 +210,7 @@ func TestDataKill9(t *testing.T) {
 	args := []string{"-data", file, "-bcrypt-cost", "4", "-rate-register", "0", "-admin-token", "adm"}
 	const rounds, n = 3, 200
 	for round := range rounds {
-		cmd, base := startBinary(t, args...)
+		cmd, base, _ := startBinary(t, args...)
 		var wg sync.WaitGroup
 		codes := make(chan int, n)
 		for i := range n {
@@ -220,7 +226,7 @@ func TestDataKill9(t *testing.T) {
 			}
 		}
 
-		check, base := startBinary(t, args...)
+		check, base, _ := startBinary(t, args...)
 		req, _ := http.NewRequest("GET", base+"/stats", nil)
 		req.Header.Set("Authorization", "Bearer adm")
 		resp, err := http.DefaultClient.Do(req)

@@ -27,6 +27,7 @@ import (
 	"wsrouter/registry"
 	"wsrouter/registry/boltstore"
 	"wsrouter/router"
+	"wsrouter/router/token"
 	"wsrouter/router/webhook"
 )
 
@@ -75,6 +76,8 @@ type options struct {
 	debugAddr       string
 	version         bool
 	data            string // -data: the registrations' file; "" keeps them in memory
+	tokenKey        string // -token-key: PEM file of the router's Ed25519 key
+	tokenIssuerKeys string // -token-issuer-keys: PEM and/or JWKS file of an issuer's keys
 
 	router  router.Config // router.Registry holds the registry's flags
 	origins string
@@ -130,6 +133,9 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.DurationVar(&wc.Timeout, "webhook-timeout", 5*time.Second, "bound on each webhook call")
 	fs.IntVar(&wc.Retries, "webhook-retries", 5, "retries of a failed message or close event, with backoff (negative: none)")
 	fs.IntVar(&wc.Queue, "webhook-queue", 64, "message events of one connection that may wait before its reader stops reading")
+	fs.StringVar(&o.tokenKey, "token-key", "", "PEM file (PKCS#8) of the Ed25519 key that signs the tokens POST /token mints (empty: one generated once and kept in -data; with -data \"\" it dies with the process)")
+	fs.DurationVar(&rc.Tokens.MaxTTL, "token-max-ttl", 720*time.Hour, "longest ttl POST /token grants")
+	fs.StringVar(&o.tokenIssuerKeys, "token-issuer-keys", "", "file of PEM public keys and/or a JWKS document whose keys may sign tokens too (EdDSA, ES256, RS256); reloaded on SIGHUP (empty: none)")
 	fs.StringVar(&rc.AdminToken, "admin-token", "", "bearer token that enables /stats (empty: no /stats)")
 	fs.StringVar(&o.origins, "allowed-origins", "", "comma-separated browser origin host patterns allowed to connect (empty: any)")
 
@@ -197,6 +203,9 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	}
 	if o.drainDelay < 0 {
 		return nil, fmt.Errorf("-drain-delay %v: want 0 or more", o.drainDelay)
+	}
+	if rc.Tokens.MaxTTL <= 0 {
+		return nil, fmt.Errorf("-token-max-ttl %v: want a positive duration", rc.Tokens.MaxTTL)
 	}
 	return o, nil
 }
@@ -316,6 +325,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	// Registrations that outlive the process: the file is opened (and
 	// locked) before anything is served, and read once.
 	var recs []registry.Record
+	var keeper secretKeeper // where a generated token key is kept
 	if o.data != "" {
 		store, err := boltstore.Open(o.data)
 		if err != nil {
@@ -329,8 +339,27 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		o.router.Registry.Store = store
 		o.router.Backup = func() (io.ReadCloser, int64, error) { return store.Snapshot() }
 		log.Info("data file opened", "path", o.data, "registrations", len(recs), "took", time.Since(start))
+		keeper = store
+	}
+	if err := o.loadTokenKeys(keeper, log); err != nil {
+		return err
 	}
 	rt := router.New(o.router, log)
+	// SIGHUP reloads the issuer's keys. It is caught whether or not there
+	// are any, so that a stray HUP never ends the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				o.reloadIssuerKeys(rt, log)
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	if err := restore(rt.Registry(), recs, log); err != nil {
 		return err
 	}
@@ -510,6 +539,67 @@ func (b buildInfo) attrs() slog.Attr {
 	return slog.Group("build", append(as, "go", b.goVersion)...)
 }
 
+// secretKeeper keeps a secret made once with the data: the file store does.
+type secretKeeper interface {
+	Secret(name string, create func() ([]byte, error)) ([]byte, error)
+}
+
+// loadTokenKeys sets the router's token key, from -token-key, or kept with
+// the data, or generated for this process only; and the issuer's keys from
+// -token-issuer-keys, which must load at start.
+func (o *options) loadTokenKeys(keeper secretKeeper, log *slog.Logger) error {
+	tc := &o.router.Tokens
+	switch {
+	case o.tokenKey != "":
+		b, err := os.ReadFile(o.tokenKey)
+		if err != nil {
+			return fmt.Errorf("-token-key: %w", err)
+		}
+		if tc.Key, err = token.ParsePrivateKey(b); err != nil {
+			return fmt.Errorf("-token-key %s: %w", o.tokenKey, err)
+		}
+	case keeper != nil:
+		der, err := keeper.Secret("token-key", func() ([]byte, error) {
+			log.Info("token key generated", "kept_in", o.data)
+			return token.MarshalPKCS8(token.GenerateKey()), nil
+		})
+		if err != nil {
+			return fmt.Errorf("token key: %w", err)
+		}
+		if tc.Key, err = token.ParsePKCS8(der); err != nil {
+			return fmt.Errorf("token key in %s: %w", o.data, err)
+		}
+	default:
+		tc.Key = token.GenerateKey()
+		log.Warn("token key generated for this process only: its tokens stop working at restart (set -data or -token-key)")
+	}
+	if o.tokenIssuerKeys != "" {
+		ks, err := token.LoadKeys(o.tokenIssuerKeys)
+		if err != nil {
+			return fmt.Errorf("-token-issuer-keys: %w", err)
+		}
+		tc.Issuers = ks
+		log.Info("token issuer keys loaded", "path", o.tokenIssuerKeys, "keys", ks.Len())
+	}
+	return nil
+}
+
+// reloadIssuerKeys reads -token-issuer-keys again (SIGHUP). A file that
+// does not load leaves the old keys in place.
+func (o *options) reloadIssuerKeys(rt *router.Router, log *slog.Logger) {
+	if o.tokenIssuerKeys == "" {
+		log.Info("SIGHUP: no -token-issuer-keys to reload")
+		return
+	}
+	ks, err := token.LoadKeys(o.tokenIssuerKeys)
+	if err != nil {
+		log.Error("token issuer keys not reloaded: keeping the old ones", "path", o.tokenIssuerKeys, "err", err)
+		return
+	}
+	closed := rt.SetTokenIssuers(ks)
+	log.Info("token issuer keys reloaded", "path", o.tokenIssuerKeys, "keys", ks.Len(), "members_closed", closed)
+}
+
 // restoreChunk is how many registrations restore makes live between two
 // progress lines.
 const restoreChunk = 50000
@@ -591,6 +681,7 @@ func limitAttrs(rc router.Config, o *options) slog.Attr {
 		"rate_badkey", rate(rc.RateBadKey),
 		"rate_message", rate(rc.RateMessage),
 		"bcrypt_cost", gc.BcryptCost,
+		"token_max_ttl", rc.Tokens.MaxTTL,
 		"drain_delay", o.drainDelay,
 		"shutdown_timeout", o.shutdownTimeout,
 	)

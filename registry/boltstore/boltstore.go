@@ -3,12 +3,13 @@
 // registrations outlive the process (docs/protocol.md §8.8 and
 // docs/operations.md, "Registrations that survive restarts").
 //
-// The file holds a bucket "meta" with the schema version and a bucket
-// "registrations" with one JSON record per id. Members, messages and the
-// remembered-key memo are never stored.
+// The file holds a bucket "meta" with the schema version and secrets (the
+// router's token key), and a bucket "registrations" with one JSON record per
+// id. Members, messages and the remembered-key memo are never stored.
 package boltstore
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/binary"
@@ -317,6 +318,38 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 func isHash(b []byte) bool {
 	_, err := bcrypt.Cost(b)
 	return err == nil
+}
+
+// Secret returns the value kept in the file under name (such as the
+// router's token key), first making it with create and keeping it if there
+// is none. Secrets live in the meta bucket, under "secret." + name; a
+// backup holds them too.
+func (s *Store) Secret(name string, create func() ([]byte, error)) ([]byte, error) {
+	key := []byte("secret." + name)
+	var v []byte
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v = bytes.Clone(tx.Bucket(bucketMeta).Get(key))
+		return nil
+	})
+	if err != nil || v != nil {
+		return v, err
+	}
+	made, err := create()
+	if err != nil {
+		return nil, err
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		meta := tx.Bucket(bucketMeta)
+		if v = bytes.Clone(meta.Get(key)); v != nil {
+			return nil // made meanwhile: the first one stands
+		}
+		v = made
+		return meta.Put(key, made)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("keep %s: %w", name, err)
+	}
+	return v, nil
 }
 
 // Backup writes a consistent copy of the file to w, from a read

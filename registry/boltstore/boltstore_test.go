@@ -1,12 +1,15 @@
 package boltstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
@@ -200,5 +203,43 @@ func TestTruncatedAnywhere(t *testing.T) {
 		if !strings.Contains(err.Error(), p) {
 			t.Fatalf("cut at %d: error %q does not name the file", cut, err)
 		}
+	}
+}
+
+// TestSecretKept: a secret is made once, kept across a reopen, and never
+// remade, also when two callers race to make it.
+func TestSecretKept(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "x.db")
+	s, err := Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var made atomic.Int32
+	create := func() ([]byte, error) { return []byte(fmt.Sprintf("secret-%d", made.Add(1))), nil }
+	got := make([][]byte, 8)
+	var wg sync.WaitGroup
+	for i := range got {
+		wg.Go(func() {
+			v, err := s.Secret("token-key", create)
+			if err != nil {
+				t.Error(err)
+			}
+			got[i] = v
+		})
+	}
+	wg.Wait()
+	for _, v := range got[1:] {
+		if !bytes.Equal(v, got[0]) {
+			t.Fatalf("callers got different secrets: %q and %q", got[0], v)
+		}
+	}
+	s.Close()
+	if s, err = Open(path); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	again, err := s.Secret("token-key", func() ([]byte, error) { return nil, errors.New("must not be made again") })
+	if err != nil || !bytes.Equal(again, got[0]) {
+		t.Fatalf("after reopening: %q, %v; want %q", again, err, got[0])
 	}
 }
