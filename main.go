@@ -571,7 +571,7 @@ func (o *options) loadTokenKeys(keeper secretKeeper, log *slog.Logger) error {
 		}
 	default:
 		tc.Key = token.GenerateKey()
-		log.Warn("token key generated for this process only: its tokens stop working at restart (set -data or -token-key)")
+		log.Info("token key generated for this process only: its tokens stop working at restart (set -data or -token-key)")
 	}
 	if o.tokenIssuerKeys != "" {
 		ks, err := token.LoadKeys(o.tokenIssuerKeys)

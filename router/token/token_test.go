@@ -162,3 +162,69 @@ func FuzzVerify(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkVerifyFirst is a token's first check: the signature.
+func BenchmarkVerifyFirst(b *testing.B) {
+	v, tok, _ := fuzzSeed(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := v.verify(tok); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkVerify is a token checked before: the memo.
+func BenchmarkVerify(b *testing.B) {
+	v, tok, _ := fuzzSeed(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := v.Verify(tok); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkEd25519(b *testing.B) {
+	k := GenerateKey()
+	msg := []byte("header.payload")
+	sig := ed25519.Sign(k, msg)
+	pub := k.Public().(ed25519.PublicKey)
+	for b.Loop() {
+		ed25519.Verify(pub, msg, sig)
+	}
+}
+
+// TestMemo: a token checked before is taken from the memo, with its times
+// checked again, and the memo is forgotten when the keys change.
+func TestMemo(t *testing.T) {
+	now := time.Date(2026, 11, 30, 0, 0, 0, 0, time.UTC)
+	issuerKey := GenerateKey()
+	is, _ := NewSigner(issuerKey)
+	tok, _ := is.Sign(Claims{Reg: "r", Role: "member", Expiry: now.Add(time.Minute)})
+	ks, err := ParseKeys([]byte(pkix(t, issuerKey.Public())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock := now
+	v := &Verifier{Now: func() time.Time { return clock }}
+	v.SetIssuers(ks)
+	for range 2 {
+		if _, err := v.Verify(tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if len(v.memo) != 1 {
+		t.Fatalf("memo holds %d, want 1", len(v.memo))
+	}
+	clock = now.Add(time.Minute + Skew + time.Second)
+	var te *Error
+	if _, err := v.Verify(tok); !errors.As(err, &te) || te.Reason != Expired {
+		t.Fatalf("a remembered token past its exp: %v", err)
+	}
+	clock = now
+	v.SetIssuers(nil)
+	if _, err := v.Verify(tok); !errors.As(err, &te) || te.Reason != Signature {
+		t.Fatalf("a remembered token of a dropped key: %v", err)
+	}
+}

@@ -83,6 +83,9 @@ type target struct {
 	srv  *serverProc
 	dial *dialer
 	log  io.Writer
+	// restart stops the server and starts it again on the same address
+	// and flags (SIGTERM: its members get 1001); srv is then the new one.
+	restart func(ctx context.Context) error
 }
 
 func (t *target) isRef() bool { return t.kind == kindReference }
@@ -91,8 +94,9 @@ func (t *target) progress(format string, args ...any) {
 	fmt.Fprintf(t.log, "  %s: %s\n", cmp.Or(t.name, t.kind), fmt.Sprintf(format, args...))
 }
 
-// reg is a registration to connect to: its id and key.
-type reg struct{ id, key string }
+// reg is a registration to connect to: its id and keys, and the token to
+// connect with instead of the key, if set.
+type reg struct{ id, key, hostKey, token string }
 
 // register creates a registration of regType on wsrouter. The reference has
 // no registrations: it gets a fresh random id (its rooms are keyed by id)
@@ -101,8 +105,8 @@ func (t *target) register(ctx context.Context, regType string) (reg, error) {
 	if t.isRef() {
 		return reg{id: randHex(16), key: "unused"}, nil
 	}
-	r := reg{key: randHex(16)}
-	q := url.Values{"key": {r.key}, "host_key": {randHex(16)}, "reg_type": {regType}}
+	r := reg{key: randHex(16), hostKey: randHex(16)}
+	q := url.Values{"key": {r.key}, "host_key": {r.hostKey}, "reg_type": {regType}}
 	u := "http://" + t.srv.addr + "/register?" + q.Encode()
 	// The server hashes both keys on a small bcrypt pool and answers 503
 	// "server busy" when a check waits too long: back off and retry.
@@ -148,6 +152,9 @@ func (t *target) registerMany(ctx context.Context, n, conc int, regType string) 
 // incoming messages (0: coder/websocket's 32 KiB default).
 func (t *target) connect(ctx context.Context, r reg, sockType string, readLimit int64) (*websocket.Conn, error) {
 	q := url.Values{"id": {r.id}, "key": {r.key}}
+	if r.token != "" {
+		q = url.Values{"id": {r.id}, "token": {r.token}}
+	}
 	if sockType != "" {
 		q.Set("sock_type", sockType)
 	}
@@ -164,6 +171,31 @@ func (t *target) connect(ctx context.Context, r reg, sockType string, readLimit 
 		c.SetReadLimit(readLimit)
 	}
 	return c, nil
+}
+
+// mint returns r with a token for role (and name, if set) from POST
+// /token, authorised by r's host key.
+func (t *target) mint(ctx context.Context, r reg, role, name string) (reg, error) {
+	q := url.Values{"id": {r.id}, "role": {role}, "ttl": {"1h"}}
+	if name != "" {
+		q.Set("name", name)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+t.srv.addr+"/token?"+q.Encode(), nil)
+	if err != nil {
+		return r, err
+	}
+	req.Header.Set("X-Host-Key", r.hostKey)
+	resp, err := t.dial.client().Do(req)
+	if err != nil {
+		return r, fmt.Errorf("token: %w", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 8192))
+	if resp.StatusCode != http.StatusOK {
+		return r, fmt.Errorf("token: %s: %s", resp.Status, strings.TrimSpace(string(body)))
+	}
+	r.token = string(body)
+	return r, nil
 }
 
 // dialError is a failed connect, with the HTTP status if the server

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -15,30 +17,38 @@ import (
 
 // connectBench measures connect+close churn at concurrency -c: each cycle
 // dials /connect, gets the 101 and closes with a normal close handshake.
+// -auth says how each connect proves itself, and may list several modes,
+// measured one after another on the same server in each run so that their
+// ratios come from one run:
 //
-// With -repeat=false every connect uses a registration nobody has joined
-// before, so wsrouter runs bcrypt for it (the "first connect" path). Those
-// registrations are made beforehand, outside the measured window: each
-// costs two bcrypt hashes to the connect's one, so making as many as the
-// window consumes takes about twice the window; by default the tool
-// registers for 3×-duration (a 50 % margin, as -c connects in progress
-// hold one each), or makes exactly -regs of them. Should the pool run out
-// anyway the window ends early, and the report says so. With -repeat=true every connect goes to one
-// registration with the same key, which wsrouter remembers after the first
-// check. The reference has no keys: it gets a fresh room id per connect
-// (-repeat=false) or the same one.
+//   - key: every connect uses a registration nobody has joined before, so
+//     wsrouter runs bcrypt for it (the "first connect" path). Those
+//     registrations are made beforehand, outside the measured window: each
+//     costs two bcrypt hashes to the connect's one, so making as many as
+//     the window consumes takes about twice the window; by default the tool
+//     registers for 3×-duration (a 50 % margin, as -c connects in progress
+//     hold one each), or makes exactly -regs of them. Should the pool run
+//     out anyway the window ends early, and the report says so.
+//   - remembered: every connect goes to one registration with the same
+//     key, which wsrouter remembers after the first check.
+//   - token: every connect goes to one registration with a token from POST
+//     /token, checked with a signature and no bcrypt.
+//
+// The reference has no keys: it gets a fresh room id per connect (key) or
+// the same one, and is measured once whatever -auth lists.
 type connectBench struct {
-	o      *options
-	repeat bool
-	conc   int
-	regs   int
+	o     *options
+	auth  string
+	modes []string
+	conc  int
+	regs  int
 }
 
 func newConnect(fs *flag.FlagSet) bench {
 	b := &connectBench{}
-	fs.BoolVar(&b.repeat, "repeat", false, "connect to one registration with its key again and again (remembered key); false: a fresh registration per connect (bcrypt)")
+	fs.StringVar(&b.auth, "auth", "key", "how connects authenticate, a comma list of key (a fresh registration per connect: bcrypt), remembered (one registration, its key remembered) and token (one registration, a token); several are measured one after another in each run")
 	fs.IntVar(&b.conc, "c", 8, "connects in progress at once")
-	fs.IntVar(&b.regs, "regs", 0, "with -repeat=false: registrations to make beforehand (0: as many as 3×-duration allows)")
+	fs.IntVar(&b.regs, "regs", 0, "with -auth key: registrations to make beforehand (0: as many as 3×-duration allows)")
 	return b
 }
 
@@ -50,6 +60,18 @@ func (b *connectBench) check(o *options) error {
 	case b.regs < 0:
 		return errors.New("-regs must not be negative")
 	}
+	b.modes = nil
+	for m := range strings.SplitSeq(b.auth, ",") {
+		switch m = strings.TrimSpace(m); m {
+		case "key", "remembered", "token":
+			if slices.Contains(b.modes, m) {
+				return fmt.Errorf("-auth lists %s twice", m)
+			}
+			b.modes = append(b.modes, m)
+		default:
+			return fmt.Errorf("-auth %q: want key, remembered or token", m)
+		}
+	}
 	return nil
 }
 
@@ -57,7 +79,7 @@ func (b *connectBench) check(o *options) error {
 const maxPool = 50000
 
 func (b *connectBench) params() map[string]any {
-	return map[string]any{"repeat": b.repeat, "c": b.conc, "regs": b.regs}
+	return map[string]any{"auth": b.modes, "c": b.conc, "regs": b.regs}
 }
 
 func (b *connectBench) serverArgs() []string {
@@ -65,11 +87,44 @@ func (b *connectBench) serverArgs() []string {
 }
 
 func (b *connectBench) describe() string {
-	how := "fresh registration per connect (bcrypt)"
-	if b.repeat {
-		how = "same registration and key (remembered)"
+	return fmt.Sprintf("connect: connect+close, auth %s, concurrency %d", strings.Join(b.modes, " then "), b.conc)
+}
+
+// run measures each mode in turn. With one mode its figures keep their
+// names; with several each is suffixed _<mode>, and token's ratios to the
+// others are figures of their own.
+func (b *connectBench) run(ctx context.Context, t *target) (*result, error) {
+	modes := b.modes
+	if t.isRef() {
+		modes = modes[:1]
 	}
-	return fmt.Sprintf("connect: connect+close, %s, concurrency %d", how, b.conc)
+	if len(modes) == 1 {
+		return b.runMode(ctx, t, modes[0])
+	}
+	res := newResult()
+	for _, m := range modes {
+		r, err := b.runMode(ctx, t, m)
+		for k, v := range r.figures {
+			res.set(k+"_"+m, v)
+		}
+		for k, v := range r.notes {
+			res.notes[k+"_"+m] = v
+		}
+		for _, a := range r.anomalies {
+			res.anomaly("%s: %s", m, a)
+		}
+		if err != nil {
+			return res, fmt.Errorf("%s: %w", m, err)
+		}
+	}
+	if tok, ok := res.figures["connects_per_s_token"]; ok {
+		for _, m := range []string{"remembered", "key"} {
+			if v := res.figures["connects_per_s_"+m]; v > 0 {
+				res.set("token_vs_"+m, tok/v)
+			}
+		}
+	}
+	return res, nil
 }
 
 // pool hands out registrations; with -repeat=true always the same one.
@@ -95,15 +150,16 @@ func (p *pool) get() (reg, bool) {
 	return p.regs[i], true
 }
 
-func (b *connectBench) run(ctx context.Context, t *target) (*result, error) {
+// runMode measures connects authenticated one way for -duration.
+func (b *connectBench) runMode(ctx context.Context, t *target, mode string) (*result, error) {
 	res := newResult()
-	p, err := b.pool(ctx, t)
+	p, err := b.pool(ctx, t, mode)
 	if err != nil {
 		return res, err
 	}
-	if b.repeat {
-		// One connect first, so that the key is remembered before the
-		// window.
+	if p.repeat {
+		// One connect first, so that a key is remembered (and every
+		// mode has the same warm start) before the window.
 		c, err := t.connect(ctx, p.regs[0], "", 0)
 		if err != nil {
 			return res, fmt.Errorf("first connect: %w", err)
@@ -111,7 +167,7 @@ func (b *connectBench) run(ctx context.Context, t *target) (*result, error) {
 		c.Close(websocket.StatusNormalClosure, "")
 	}
 
-	t.progress("connecting and closing for %v, %d at once", b.o.duration, b.conc)
+	t.progress("%s: connecting and closing for %v, %d at once", mode, b.o.duration, b.conc)
 	var (
 		failures, closeErrs tally
 		exhausted           atomic.Bool
@@ -201,14 +257,21 @@ func (b *connectBench) run(ctx context.Context, t *target) (*result, error) {
 }
 
 // pool makes the registrations the run will use.
-func (b *connectBench) pool(ctx context.Context, t *target) (*pool, error) {
+func (b *connectBench) pool(ctx context.Context, t *target, mode string) (*pool, error) {
 	switch {
-	case t.isRef() && b.repeat:
+	case t.isRef() && mode != "key":
 		return &pool{regs: []reg{{id: randHex(16), key: "unused"}}, repeat: true}, nil
 	case t.isRef():
 		return &pool{fresh: func() reg { return reg{id: randHex(16), key: "unused"} }}, nil
-	case b.repeat:
+	case mode == "remembered":
 		r, err := t.register(ctx, "lobby")
+		return &pool{regs: []reg{r}, repeat: true}, err
+	case mode == "token":
+		r, err := t.register(ctx, "lobby")
+		if err != nil {
+			return nil, err
+		}
+		r, err = t.mint(ctx, r, "member", "")
 		return &pool{regs: []reg{r}, repeat: true}, err
 	}
 	// Registering hashes two keys on the server's small bcrypt pool: a

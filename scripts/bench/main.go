@@ -15,9 +15,9 @@
 //	         at -rate R deliveries/s; deliveries/s, latency, loss, CPU
 //	idle     -conns N idle connections (or max) in registrations of
 //	         -per-reg members: connects/s while establishing, RSS per conn
-//	connect  connect+close churn at concurrency -c: a fresh registration per
-//	         connect (-repeat=false, bcrypt runs) or the same one (remembered
-//	         key)
+//	connect  connect+close churn at concurrency -c, -auth key (a fresh
+//	         registration per connect: bcrypt runs), remembered (the same
+//	         one and key) or token, or several of them in one run
 //	pair     -pairs P hostclient registrations, the client sends, the host
 //	         echoes: round trips/s and RTT
 //	register -c concurrent /register of fresh lobbies (wsrouter only; with
@@ -26,8 +26,10 @@
 //	         id (wsrouter only): requests/s, latency, loss
 //	webhook  -members clients send as fast as the router takes them; a local
 //	         receiver counts their message webhooks (wsrouter only)
-//	storm    -n members connect at once to one registration nobody joined
-//	         yet (a fleet after a restart): admitted, refused, time to all in
+//	storm    -n members connect at once to -regs registrations nobody
+//	         joined yet (a fleet after a restart), with keys or tokens;
+//	         -restart connects them first, restarts the server on a data
+//	         file and times their reconnecting: admitted, time to all in
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
 //	         /relay/{id}/reading answered by a host in this process, beside
 //	         the same handler served directly (the reference here):
@@ -79,13 +81,13 @@ type scenario struct {
 var scenarios = []scenario{
 	{"fanout", "one lobby, some members sending to all: deliveries/s, latency, loss, CPU per delivery", newFanout},
 	{"idle", "many idle connections: connects/s while establishing, server RSS per connection", newIdle},
-	{"connect", "connect+close churn, fresh registrations (bcrypt) or one (remembered key): connects/s", newConnect},
+	{"connect", "connect+close churn with first-time keys (bcrypt), remembered keys or tokens (-auth): connects/s", newConnect},
 	{"pair", "hostclient pairs ping-ponging: round trips/s, RTT", newPair},
 	{"relay", "HTTP requests relayed to a host, beside a direct HTTP server: round trips/s, latency", newRelay},
 	{"register", "fresh registrations at concurrency -c (-targets wsrouter; -server-flags \"-data FILE\" for a data file): registers/s", newRegister},
 	{"send", "POST /send to one of many members by connection id (-targets wsrouter): requests/s, latency, loss", newSend},
 	{"webhook", "message webhooks from many members to a local receiver (-targets wsrouter): events/s, loss", newWebhook},
-	{"storm", "many first connects at once to one registration (one key, one bcrypt): admitted, refused, seconds until all are in", newStorm},
+	{"storm", "many first connects at once, with keys or tokens, optionally after a server restart (-restart): admitted, refused, seconds until all are in", newStorm},
 }
 
 // bench is one configured scenario.
@@ -117,6 +119,12 @@ type refSpec struct {
 	args []string // its flags; -addr is added at start
 	// names in the summary and aliases for -targets
 	refName, wsName string
+}
+
+// cleaner is implemented by a scenario that leaves something to remove once
+// every run is over.
+type cleaner interface {
+	cleanup()
 }
 
 // goaler is implemented by a scenario with targets to meet (from an issue,
@@ -274,6 +282,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if _, err := raiseNoFile(); err != nil {
 		return err
 	}
+	if c, ok := b.(cleaner); ok {
+		defer c.cleanup()
+	}
 	if err := b.check(o); err != nil {
 		return err
 	}
@@ -362,10 +373,24 @@ func measure(ctx context.Context, b bench, kind, name string, bins binaries, ref
 		tr.Error = err.Error()
 		return tr
 	}
-	defer srv.kill()
-
 	t := &target{kind: kind, name: name, srv: srv, dial: dial, log: stderr}
+	// A scenario may restart the server; the last one is stopped here.
+	defer func() { t.srv.kill() }()
+	var earlier []string // problems logged by servers a restart stopped
+	t.restart = func(ctx context.Context) error {
+		if err := t.srv.stop(); err != nil {
+			return fmt.Errorf("stop for a restart: %w", err)
+		}
+		earlier = append(earlier, t.srv.logProblems()...)
+		next, err := startServerAt(ctx, kind, bin, binArgs, tmp, t.srv.addr)
+		if err != nil {
+			return fmt.Errorf("restart: %w", err)
+		}
+		t.srv = next
+		return nil
+	}
 	res, err := b.run(ctx, t)
+	srv = t.srv
 	if res == nil {
 		res = newResult()
 	}
@@ -383,7 +408,7 @@ func measure(ctx context.Context, b bench, kind, name string, bins binaries, ref
 	if err := srv.stop(); err != nil {
 		res.anomaly("%s: %v", kind, err)
 	}
-	if probs := srv.logProblems(); len(probs) > 0 {
+	if probs := append(earlier, srv.logProblems()...); len(probs) > 0 {
 		res.notes["server_log_problems"] = probs
 		res.anomaly("%s logged %d WARN/ERROR/panic lines, e.g. %q", kind, len(probs), probs[0])
 	}

@@ -158,6 +158,12 @@ func startServer(ctx context.Context, kind, bin string, args []string, tmp strin
 	if err != nil {
 		return nil, err
 	}
+	return startServerAt(ctx, kind, bin, args, tmp, addr)
+}
+
+// startServerAt is startServer on a given address (a restart keeps its
+// predecessor's, so that clients come back to it).
+func startServerAt(ctx context.Context, kind, bin string, args []string, tmp, addr string) (*serverProc, error) {
 	logf, err := os.CreateTemp(tmp, kind+"-*.log")
 	if err != nil {
 		return nil, err
