@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/go-jose/go-jose/v4"
+	"github.com/go-jose/go-jose/v4/jwt"
 
 	"wsrouter/router/token"
 )
@@ -186,5 +188,41 @@ func TestTokenIssuerKeysReload(t *testing.T) {
 	waitLog(t, lines, "token issuer keys not reloaded: keeping the old ones")
 	if code, _ := dialToken(t, base, "room", issue(keyB)); code != 101 {
 		t.Errorf("key B after a broken reload: %d, want 101", code)
+	}
+}
+
+// issue is the README's issuer, word for word: it must keep working.
+func issue(key ed25519.PrivateKey, reg, name string) (string, error) {
+	sig, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.EdDSA, Key: key}, (&jose.SignerOptions{}).WithType("JWT"))
+	if err != nil {
+		return "", err
+	}
+	now := time.Now()
+	return jwt.Signed(sig).Claims(map[string]any{"sub": name, "reg": reg, "role": "host", "aud": "wsrouter",
+		"iat": now.Unix(), "exp": now.Add(30 * 24 * time.Hour).Unix()}).Serialize()
+}
+
+// TestReadmeIssuer: a token from the README's issuer opens a hostclient
+// registration as a named host, with the issuer's public key given as the
+// openssl command of the README writes it (PKIX PEM).
+func TestReadmeIssuer(t *testing.T) {
+	key := token.GenerateKey()
+	pub := filepath.Join(t.TempDir(), "issuer.pub")
+	der, _ := x509.MarshalPKIXPublicKey(key.Public())
+	writePEM(t, pub, "PUBLIC KEY", der)
+	base, _, _ := startProgram(t, "-data", "", "-bcrypt-cost", "4", "-token-issuer-keys", pub)
+	q := url.Values{"id_req": {"garage-door"}, "key": {"k"}, "host_key": {"h"}, "reg_type": {"hostclient"}}
+	if code, body := get(t, base+"/register?"+q.Encode()); code != 200 {
+		t.Fatalf("register: %d %q", code, body)
+	}
+	tok, err := issue(key, "garage-door", "door-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, _ := dialToken(t, base, "garage-door", tok); code != 101 {
+		t.Fatalf("README issuer's token: %d", code)
+	}
+	if code, body := get(t, base+"/members?"+url.Values{"id": {"garage-door"}, "host_key": {"h"}}.Encode()); code != 200 || !strings.Contains(body, `"role":"host","name":"door-1"`) {
+		t.Fatalf("members: %d %s", code, body)
 	}
 }

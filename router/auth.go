@@ -164,7 +164,7 @@ func (a authenticator) token(r *http.Request, endpoint string, reg *registry.Reg
 			reason = te.Reason
 		}
 		a.rt.metrics.tokens.WithLabelValues(string(reason)).Inc()
-		g.failed(reg.ID, 1)
+		a.rt.limits.badKey.spend(g.ip) // no gate: a token check runs no bcrypt
 		a.rt.logs.warn("badtoken", "token refused", "endpoint", endpoint, "client", g.ip, "reg", reg.ID, "reason", reason)
 		return c, 0, fmt.Errorf("%w: %w", registry.ErrForbidden, err)
 	}

@@ -378,6 +378,10 @@ func measure(ctx context.Context, b bench, kind, name string, bins binaries, ref
 	defer func() { t.srv.kill() }()
 	var earlier []string // problems logged by servers a restart stopped
 	t.restart = func(ctx context.Context) error {
+		// Pooled HTTP connections would die with the server anyway; one
+		// the transport dialed and never used is, to net/http's Shutdown,
+		// a connection about to send a request, waited for up to 5 s.
+		dial.close()
 		if err := t.srv.stop(); err != nil {
 			return fmt.Errorf("stop for a restart: %w", err)
 		}
