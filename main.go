@@ -296,6 +296,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// SIGHUP reloads the issuer's keys. It is caught from here on, whether
+	// or not there are any, so that a stray HUP never ends the process,
+	// not even while a large data file loads; one that arrives before the
+	// router exists waits in the channel.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 
 	tlsConf, plainHTTP, err := o.tls.load(log)
 	if err != nil {
@@ -345,11 +352,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	rt := router.New(o.router, log)
-	// SIGHUP reloads the issuer's keys. It is caught whether or not there
-	// are any, so that a stray HUP never ends the process.
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	go func() {
 		for {
 			select {

@@ -111,7 +111,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		role, tokenKey = granted, claims.KeyID
+		role, tokenKey = granted, claims.Key
 		if name == "" && claims.Name != "" {
 			if !validName(claims.Name) {
 				return nil, paramError("the token's sub is not a member name (1 to 64 of A-Z a-z 0-9 . _ - @ :): give name")
@@ -151,6 +151,12 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 		return nil, err
 	}
 	c.startHooks()
+	if tokenKey != "" && !rt.tokens.verify.HasKey(tokenKey) {
+		// The issuer's keys were replaced while this member was being
+		// admitted, and the sweep that closes their members may have
+		// passed before it joined: it closes itself, as the sweep would.
+		c.Close(codePolicy, "credentials revoked")
+	}
 	return c, nil
 }
 

@@ -80,7 +80,7 @@ func newMetrics() *metrics {
 		}, []string{"how"}),
 		tokens: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "wsrouter_token_checks_total",
-			Help: "Tokens presented to /connect, /relay and /publish, by result: ok, or why refused (malformed, algorithm, signature, expired, not_yet_valid, audience, scope).",
+			Help: "Tokens checked on /connect and /relay, by result: ok, or why refused (malformed, algorithm, signature, expired, not_yet_valid, audience, scope). A request refused before its token is checked (lockout, unknown id, a bad parameter) is not counted.",
 		}, []string{"result"}),
 		minted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "wsrouter_tokens_issued_total",

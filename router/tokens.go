@@ -11,9 +11,8 @@ import (
 )
 
 // Tokens (docs/protocol.md §12): POST /token mints a token for one
-// registration, role and generation, signed by the router's key; /connect,
-// /relay (and /publish) take one instead of a key and check it without
-// bcrypt.
+// registration, role and generation, signed by the router's key; /connect
+// and /relay take one instead of a key and check it without bcrypt.
 
 // TokenConfig configures tokens.
 type TokenConfig struct {

@@ -367,7 +367,10 @@ func TestTokenConnect(t *testing.T) {
 		{"not a JWT", hc, "not-a-token", nil, 403, "malformed", 0, ""},
 		{"sub that is not a name", hc, sign(t, jose.EdDSA, is.ed, "", with(good, "sub", "a b")), nil, 400, "ok", 0, ""},
 		{"key and token", hc, hostTok, url.Values{"key": {testKey}}, 400, "", 0, ""},
-		{"token too long", hc, strings.Repeat("a", token.MaxLen+1), nil, 400, "", 0, ""},
+		{"token too long", hc, strings.Repeat("a", token.MaxLen+1), nil, 403, "malformed", 0, ""},
+		{"gen as a number", hc, sign(t, jose.EdDSA, is.ed, "", with(good, "gen", 12345)), nil, 403, "malformed", 0, ""},
+		{"exp as a string", hc, sign(t, jose.EdDSA, is.ed, "", with(good, "exp", "tomorrow")), nil, 403, "malformed", 0, ""},
+		{"sub too long", hc, sign(t, jose.EdDSA, is.ed, "", with(good, "sub", strings.Repeat("a", 129))), url.Values{"name": {"n"}}, 403, "malformed", 0, ""},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -548,4 +551,26 @@ func TestTokenIssuerRotation(t *testing.T) {
 	// The others still hear each other.
 	write(t, routers, "still here")
 	expectNext(t, keyed, "still here")
+
+	// A new key under an old kid is another key: its predecessor's
+	// members go too.
+	jwks := func(k *rsa.PrivateKey) *token.KeySet {
+		b, _ := json.Marshal(jose.JSONWebKeySet{Keys: []jose.JSONWebKey{{Key: &k.PublicKey, KeyID: "k1"}}})
+		ks, err := token.ParseKeys(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ks
+	}
+	ts.rt.SetTokenIssuers(jwks(is.rsa))
+	old, code := ts.dialToken(t, id, sign(t, jose.RS256, is.rsa, "k1", claimsFor(id, "member", time.Now())), nil, nil)
+	if code != 101 {
+		t.Fatalf("kid k1, first key: %d", code)
+	}
+	if n := ts.rt.SetTokenIssuers(jwks(is.otherRSA)); n != 1 {
+		t.Fatalf("a new key under kid k1 closed %d members, want 1", n)
+	}
+	if code, _ := closeStatus(t, old); code != codePolicy {
+		t.Fatalf("the old key's member: %d, want 1008", code)
+	}
 }

@@ -22,6 +22,9 @@ import (
 type Key struct {
 	// ID is the key's kid: from its JWK, or its RFC 7638 thumbprint.
 	ID string
+	// Thumbprint is the key's RFC 7638 SHA-256 thumbprint, base64url: what
+	// the key is, whatever kid it was given.
+	Thumbprint string
 	// Public is an ed25519.PublicKey, a P-256 *ecdsa.PublicKey or an
 	// *rsa.PublicKey.
 	Public crypto.PublicKey
@@ -74,11 +77,12 @@ func newKey(pub crypto.PublicKey, kid string) (Key, error) {
 	default:
 		return k, fmt.Errorf("unsupported key type %T (Ed25519, P-256 or RSA)", pub)
 	}
+	var err error
+	if k.Thumbprint, err = thumbprint(pub); err != nil {
+		return k, err
+	}
 	if k.ID == "" {
-		var err error
-		if k.ID, err = thumbprint(pub); err != nil {
-			return k, err
-		}
+		k.ID = k.Thumbprint
 	}
 	return k, nil
 }

@@ -48,9 +48,9 @@ type Claims struct {
 	// IssuedAt, NotBefore and Expiry bound when the token is good;
 	// NotBefore's zero value means from IssuedAt (or always).
 	IssuedAt, NotBefore, Expiry time.Time
-	// KeyID names the key that signed the token (its kid, or the RFC 7638
-	// thumbprint of a key that has none); set by Verify.
-	KeyID string
+	// Key is the RFC 7638 thumbprint of the key that signed the token,
+	// whatever its kid; set by Verify.
+	Key string
 	// Router reports whether the router's own key signed the token; set by
 	// Verify.
 	Router bool
@@ -134,7 +134,7 @@ type Reason string
 
 // The reasons a token is refused.
 const (
-	Malformed   Reason = "malformed"     // not a JWT, an unusable claim, no exp
+	Malformed   Reason = "malformed"     // not a JWT, an unusable or oversized claim, no exp
 	Algorithm   Reason = "algorithm"     // none, HS*, or not the key's algorithm
 	Signature   Reason = "signature"     // no key of that kid, or the signature does not verify
 	Expired     Reason = "expired"       // exp passed, beyond the skew

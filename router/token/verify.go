@@ -35,9 +35,19 @@ type Verifier struct {
 	epoch uint64                       // guarded by mu; counts forgets
 }
 
-// memoSize bounds the memo; at about 300 bytes an entry it holds 20 MB at
-// most. When full, an arbitrary entry makes way.
+// memoSize bounds the memo. With the claims' lengths bounded below, an
+// entry is at most about 500 bytes, so the memo holds 32 MB at worst. When
+// full, an arbitrary entry makes way.
 const memoSize = 1 << 16
+
+// The longest claims accepted: an id, a role, a generation, and a subject
+// twice a member name's length (an issuer's own subject may not be one).
+const (
+	maxReg  = 64
+	maxRole = 8
+	maxGen  = 20
+	maxSub  = 128
+)
 
 // SetRouter makes pub the router's own key.
 func (v *Verifier) SetRouter(pub ed25519.PublicKey) error {
@@ -68,14 +78,15 @@ func (v *Verifier) forget() {
 // Issuers returns the issuer's current keys.
 func (v *Verifier) Issuers() *KeySet { return v.issuers.Load() }
 
-// HasKey reports whether a key with that id may still sign tokens: the
-// router's, or one of the issuer's current keys.
-func (v *Verifier) HasKey(id string) bool {
-	if k := v.router.Load(); k != nil && k.ID == id {
+// HasKey reports whether the key of that RFC 7638 thumbprint may still sign
+// tokens: the router's, or one of the issuer's current keys. A new key
+// under an old kid is another key.
+func (v *Verifier) HasKey(thumbprint string) bool {
+	if k := v.router.Load(); k != nil && k.Thumbprint == thumbprint {
 		return true
 	}
 	for _, k := range v.issuers.Load().Keys() {
-		if k.ID == id {
+		if k.Thumbprint == thumbprint {
 			return true
 		}
 	}
@@ -162,10 +173,9 @@ func (v *Verifier) verify(s string) (Claims, error) {
 	// ones made for its algorithm.
 	router := v.router.Load()
 	var named, fit int
-	var w wire
-	verified := false
+	var signer *Key
 	try := func(k *Key) {
-		if verified || (h.KeyID != "" && k.ID != h.KeyID) {
+		if signer != nil || (h.KeyID != "" && k.ID != h.KeyID) {
 			return
 		}
 		named++
@@ -173,10 +183,8 @@ func (v *Verifier) verify(s string) (Claims, error) {
 			return
 		}
 		fit++
-		var got wire
-		if tok.Claims(k.Public, &got) == nil {
-			w, verified = got, true
-			c.KeyID, c.Router = k.ID, k == router
+		if tok.Claims(k.Public) == nil { // the signature alone
+			signer = k
 		}
 	}
 	if router != nil {
@@ -187,7 +195,7 @@ func (v *Verifier) verify(s string) (Claims, error) {
 		try(&iss.keys[i])
 	}
 	switch {
-	case verified:
+	case signer != nil:
 	case named == 0 && h.KeyID != "":
 		return c, refuse(Signature, "no key with that kid")
 	case fit == 0:
@@ -195,7 +203,16 @@ func (v *Verifier) verify(s string) (Claims, error) {
 	default:
 		return c, refuse(Signature, "bad signature")
 	}
+	c.Key, c.Router = signer.Thumbprint, signer == router
 
+	// Signed, so what follows is the signer's mistake, not a forgery.
+	var w wire
+	if err := tok.UnsafeClaimsWithoutVerification(&w); err != nil {
+		return c, refuse(Malformed, "claims of the wrong type")
+	}
+	if len(w.Sub) > maxSub || len(w.Reg) > maxReg || len(w.Role) > maxRole || len(w.Gen) > maxGen {
+		return c, refuse(Malformed, "a claim too long")
+	}
 	if !w.Aud.Contains(Audience) {
 		return c, refuse(AudienceR, "aud without %q", Audience)
 	}
