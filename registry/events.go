@@ -14,6 +14,11 @@ const (
 	EventLeave
 	// EventRemove: the registration was removed; Event.Cause says why.
 	EventRemove
+	// EventSubscribe: a pub/sub member subscribed to Event.Pattern.
+	EventSubscribe
+	// EventUnsubscribe: a pub/sub member dropped its subscription to
+	// Event.Pattern (not sent when it leaves: leaving drops them all).
+	EventUnsubscribe
 )
 
 // String returns the event's name, as used in logs.
@@ -27,6 +32,10 @@ func (k EventKind) String() string {
 		return "leave"
 	case EventRemove:
 		return "remove"
+	case EventSubscribe:
+		return "subscribe"
+	case EventUnsubscribe:
+		return "unsubscribe"
 	}
 	return "unknown"
 }
@@ -59,6 +68,11 @@ type Event struct {
 	// Restored marks the create event of a registration brought back
 	// from the store at start rather than made by /register.
 	Restored bool
+	// Pattern is the subscription of a subscribe or unsubscribe event.
+	Pattern string
+	// Seq numbers the registration's events from 1, in order; a View
+	// tells which of them it already reflects.
+	Seq uint64
 }
 
 // Observer receives lifecycle events. It must not block for long: the next

@@ -17,6 +17,8 @@ const (
 	HostClient Type = iota + 1
 	// Lobby forwards every member's messages to every other member.
 	Lobby
+	// PubSub forwards a publish to the members subscribed to its event.
+	PubSub
 )
 
 // ParseType parses a reg_type parameter.
@@ -26,6 +28,8 @@ func ParseType(s string) (Type, bool) {
 		return HostClient, true
 	case "lobby":
 		return Lobby, true
+	case "pubsub":
+		return PubSub, true
 	}
 	return 0, false
 }
@@ -37,6 +41,8 @@ func (t Type) String() string {
 		return "hostclient"
 	case Lobby:
 		return "lobby"
+	case PubSub:
+		return "pubsub"
 	}
 	return "unknown"
 }
@@ -84,6 +90,9 @@ type Message struct {
 	Binary bool
 	// Data is the payload, unchanged from the sender.
 	Data []byte
+	// Event is a pub/sub publish's event: Deliver sends Data to the
+	// members subscribed to it. Empty in other registrations.
+	Event string
 }
 
 // Member is one participant of a registration: a WebSocket connection in the
@@ -123,7 +132,8 @@ var emptySnapshot snapshot
 type member struct {
 	m    Member
 	role Role
-	name string // "" when it has none
+	name string   // "" when it has none
+	subs []string // pub/sub subscriptions, in the order made
 }
 
 // MemberInfo is a live member as the registration holds it.
@@ -133,6 +143,9 @@ type MemberInfo struct {
 	// Name is the member's name within the registration; "" when it has
 	// none.
 	Name string
+	// Subscriptions are a pub/sub member's subscriptions, in the order
+	// made; nil when it has none.
+	Subscriptions []string
 }
 
 // Registration is one room: its Record, which never changes, and its live
@@ -143,6 +156,7 @@ type Registration struct {
 	registry *Registry
 
 	snap       atomic.Pointer[snapshot]
+	subs       atomic.Pointer[subNode] // pub/sub subscriptions; nil: none
 	lastActive atomic.Int64 // unix nanoseconds of the last join, leave or message
 	msgsIn     atomic.Uint64
 	msgsOut    atomic.Uint64
@@ -160,6 +174,7 @@ type Registration struct {
 	hostKeyMAC []byte                // guarded by mu; the same for the host key
 	flights    map[flightKey]*flight // guarded by mu; bcrypts running, by key
 	events     []Event               // guarded by mu; not yet delivered to observers
+	seq        uint64                // guarded by mu; the last event's Seq
 	notifying  bool                  // guarded by mu; a goroutine is delivering events
 }
 
@@ -222,9 +237,10 @@ func (reg *Registration) JoinNamed(m Member, role Role, name string) error {
 	}
 	if old.m != nil {
 		delete(reg.members, old.m.ID())
+		reg.dropSubsLocked(old)
 		reg.eventLocked(Event{Kind: EventLeave, Member: old.m, Role: old.role, Name: name, Closure: Closure{Code: CodeReplaced, Reason: "replaced"}})
 	}
-	reg.members[id] = member{m, role, name}
+	reg.members[id] = member{m: m, role: role, name: name}
 	if name != "" {
 		if reg.names == nil {
 			reg.names = make(map[string]string)
@@ -263,6 +279,7 @@ func (reg *Registration) Leave(m Member, closure Closure) {
 	if e.name != "" && reg.names[e.name] == m.ID() {
 		delete(reg.names, e.name)
 	}
+	reg.dropSubsLocked(e)
 	reg.publishLocked()
 	reg.touch()
 	reg.eventLocked(Event{Kind: EventLeave, Member: m, Role: e.role, Name: e.name, Closure: closure})
@@ -414,6 +431,9 @@ func (reg *Registration) Publish(from Member, role Role, msg Message) int {
 // nil (a message from another node). It returns the number of receivers. It
 // takes no lock.
 func (reg *Registration) Deliver(from Member, role Role, msg Message) int {
+	if reg.Type == PubSub {
+		return reg.deliverEvent(msg)
+	}
 	s := reg.snap.Load()
 	var to []Member
 	switch role {
@@ -492,7 +512,7 @@ func (reg *Registration) Members() []MemberInfo {
 	defer reg.mu.Unlock()
 	out := make([]MemberInfo, 0, len(reg.members))
 	for _, e := range reg.members {
-		out = append(out, MemberInfo{e.m, e.role, e.name})
+		out = append(out, MemberInfo{e.m, e.role, e.name, slices.Clone(e.subs)})
 	}
 	return out
 }
@@ -545,6 +565,8 @@ func (reg *Registration) eventLocked(ev Event) {
 	if len(reg.registry.cfg.Observers) == 0 {
 		return
 	}
+	reg.seq++
+	ev.Seq = reg.seq
 	ev.Reg = reg
 	ev.Time = time.Now()
 	reg.events = append(reg.events, ev)

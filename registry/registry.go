@@ -40,6 +40,11 @@ var (
 	ErrNameTaken = errors.New("member name held by another role")
 	// ErrTooManyMembers means the registration is at MaxMembers.
 	ErrTooManyMembers = errors.New("too many members")
+	// ErrTooManySubscriptions means a member holds MaxSubscriptions.
+	ErrTooManySubscriptions = errors.New("too many subscriptions")
+	// ErrNotMember means the member is not (or no longer) in the
+	// registration.
+	ErrNotMember = errors.New("not a member")
 	// ErrBusy means the key-hashing pool stayed saturated for HashWait.
 	ErrBusy = errors.New("key check pool busy")
 	// ErrClosed means the registry is shutting down.
@@ -84,6 +89,9 @@ type Config struct {
 	MaxRegistrations int
 	// MaxMembers caps members per registration; 0 means no cap.
 	MaxMembers int
+	// MaxSubscriptions caps each pub/sub member's subscriptions; 0 means
+	// no cap.
+	MaxSubscriptions int
 	// GCGrace is how long an emptied registration lives on; 0 removes it at
 	// once when its last member leaves.
 	GCGrace time.Duration
