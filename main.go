@@ -142,6 +142,7 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.IntVar(&gc.BcryptCost, "bcrypt-cost", 10, "bcrypt cost for keys")
 	fs.IntVar(&gc.MaxRegistrations, "max-registrations", 10000, "most live registrations (0: no cap)")
 	fs.IntVar(&gc.MaxMembers, "max-members", 1000, "most members per registration (0: no cap)")
+	fs.IntVar(&gc.MaxSubscriptions, "max-subscriptions", 100, "most subscriptions per member of a pubsub registration (0: no cap)")
 	fs.DurationVar(&gc.GCGrace, "gc-grace", 30*time.Second, "how long an emptied registration lives on (0: remove at once)")
 	fs.DurationVar(&gc.UnusedTTL, "unused-ttl", 10*time.Minute, "remove a registration nobody joined after this long (0: never)")
 
@@ -667,6 +668,7 @@ func limitAttrs(rc router.Config, o *options) slog.Attr {
 		"send_queue_bytes", rc.SendQueueBytes,
 		"max_registrations", gc.MaxRegistrations,
 		"max_members", gc.MaxMembers,
+		"max_subscriptions", gc.MaxSubscriptions,
 		"write_timeout", rc.WriteTimeout,
 		"ping_interval", rc.PingInterval,
 		"ping_timeout", rc.PingTimeout,

@@ -96,7 +96,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	var role registry.Role
 	if sockType, err := p.get("sock_type"); err != nil {
 		return nil, err
-	} else if cred.token == "" || sockType != "" || reg.Type == registry.Lobby {
+	} else if cred.token == "" || sockType != "" || reg.Type != registry.HostClient {
 		if role, err = p.role(reg.Type); err != nil {
 			return nil, err
 		}

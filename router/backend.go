@@ -143,14 +143,14 @@ func (t *backendTarget) closeParams() (code int, reason string, err error) {
 // roleOf parses a role that registrations of type t have.
 func roleOf(t registry.Type, param, s string) (registry.Role, error) {
 	switch {
-	case t == registry.Lobby && s == "member":
+	case t != registry.HostClient && s == "member":
 		return registry.RoleMember, nil
 	case t == registry.HostClient && (s == "host" || s == "client"):
 		role, _ := registry.ParseRole(s)
 		return role, nil
 	}
-	if t == registry.Lobby {
-		return 0, paramError("bad %s: a lobby has only member", param)
+	if t != registry.HostClient {
+		return 0, paramError("bad %s: a %s has only member", param, t)
 	}
 	return 0, paramError("bad %s: want host or client", param)
 }
@@ -261,7 +261,7 @@ func (rt *Router) serveMembers(w http.ResponseWriter, r *http.Request) {
 	}
 	members := []memberJSON{}
 	for _, mi := range t.reg.Members() {
-		mj := memberJSON{Conn: mi.Member.ID(), Role: mi.Role.String(), Name: mi.Name}
+		mj := memberJSON{Conn: mi.Member.ID(), Role: mi.Role.String(), Name: mi.Name, Subscriptions: mi.Subscriptions}
 		if c, ok := mi.Member.(*conn); ok {
 			mj.RemoteAddr, mj.ConnectedAt = c.remoteAddr, c.connectedAt
 		}

@@ -248,6 +248,11 @@ func (c *conn) readLoop(ctx context.Context) error {
 			continue
 		}
 		c.rt.metrics.messageIn(msg)
+		if c.reg.Type == registry.PubSub {
+			c.pubsubFrame(msg)
+			c.hookMessage(ctx, msg)
+			continue
+		}
 		if c.role == registry.RoleHost && !msg.Binary && c.rt.relay.HostFrame(c.reg, data) {
 			continue // a relay reply goes to its caller only
 		}

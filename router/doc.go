@@ -7,7 +7,7 @@
 // # Endpoints
 //
 //   - /register (GET or POST, query or form): key, host_key, reg_type
-//     (hostclient or lobby) and an optional id_req. Answers the id as plain
+//     (hostclient, lobby or pubsub) and an optional id_req. Answers the id as plain
 //     text, or {"id":…,"reg_type":…} for Accept: application/json.
 //   - /connect (GET, WebSocket upgrade): id, key and, in a hostclient
 //     registration, sock_type (host or client). The upgrade response carries

@@ -32,6 +32,7 @@ type testServer struct {
 	closes  chan int            // every server-side close code
 	removed chan registry.Cause // every registration removal
 	checks  chan registry.KeyCheck
+	subs    chan registry.Event // every subscribe and unsubscribe
 }
 
 func newTestServer(t testing.TB, cfg Config) *testServer {
@@ -40,6 +41,7 @@ func newTestServer(t testing.TB, cfg Config) *testServer {
 		closes:  make(chan int, 1024),
 		removed: make(chan registry.Cause, 1024),
 		checks:  make(chan registry.KeyCheck, 1024),
+		subs:    make(chan registry.Event, 1024),
 	}
 	if cfg.Registry.BcryptCost == 0 {
 		cfg.Registry.BcryptCost = 4 // bcrypt.MinCost: keep tests fast
@@ -47,8 +49,11 @@ func newTestServer(t testing.TB, cfg Config) *testServer {
 	// Hooks never block the server: a test that cares reads promptly, and
 	// one that does not (thousands of requests) must not wedge it.
 	cfg.Registry.Observers = append(cfg.Registry.Observers, func(ev registry.Event) {
-		if ev.Kind == registry.EventRemove {
+		switch ev.Kind {
+		case registry.EventRemove:
 			offer(ts.removed, ev.Cause)
+		case registry.EventSubscribe, registry.EventUnsubscribe:
+			offer(ts.subs, ev)
 		}
 	})
 	cfg.Registry.OnKeyCheck = func(how registry.KeyCheck, _ time.Duration) { offer(ts.checks, how) }

@@ -130,11 +130,14 @@ func (m *metrics) registerLive(reg *registry.Registry) {
 	m.prom.MustRegister(collectorFunc{
 		descs: []*prometheus.Desc{regsDesc, membersDesc},
 		collect: func(ch chan<- prometheus.Metric) {
-			var lobbies, hostclients, hosts, clients, members int
+			var lobbies, hostclients, pubsubs, hosts, clients, members int
 			reg.Each(func(r *registry.Registration) {
-				if r.Type == registry.Lobby {
+				switch r.Type {
+				case registry.Lobby:
 					lobbies++
-				} else {
+				case registry.PubSub:
+					pubsubs++
+				default:
 					hostclients++
 				}
 				h, c, mb := r.Counts()
@@ -145,6 +148,7 @@ func (m *metrics) registerLive(reg *registry.Registry) {
 			}
 			g(regsDesc, hostclients, "hostclient")
 			g(regsDesc, lobbies, "lobby")
+			g(regsDesc, pubsubs, "pubsub")
 			g(membersDesc, hosts, "host")
 			g(membersDesc, clients, "client")
 			g(membersDesc, members, "member")

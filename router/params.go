@@ -182,7 +182,7 @@ func (p *params) regType() (registry.Type, error) {
 	}
 	t, ok := registry.ParseType(v)
 	if !ok {
-		return 0, paramError("bad reg_type: want hostclient or lobby")
+		return 0, paramError("bad reg_type: want hostclient, lobby or pubsub")
 	}
 	return t, nil
 }
@@ -223,7 +223,7 @@ func (p *params) name(param string) (string, error) {
 // role returns the member's role in a registration of type t: sock_type is
 // required for hostclient and ignored for a lobby.
 func (p *params) role(t registry.Type) (registry.Role, error) {
-	if t == registry.Lobby {
+	if t != registry.HostClient {
 		return registry.RoleMember, nil
 	}
 	v, err := p.get("sock_type")

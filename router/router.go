@@ -124,6 +124,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	}
 	mux.HandlerFunc(http.MethodPost, "/token", rt.serveToken)
 	mux.HandlerFunc(http.MethodPost, "/send", rt.serveSend)
+	mux.HandlerFunc(http.MethodPost, "/publish", rt.servePublish)
 	mux.HandlerFunc(http.MethodDelete, "/member", rt.serveCloseMember)
 	mux.HandlerFunc(http.MethodGet, "/members", rt.serveMembers)
 	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)

@@ -56,7 +56,7 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 	}
 	reply := statsReply{
 		Totals: statsTotals{
-			ByType:  map[string]int{"hostclient": 0, "lobby": 0},
+			ByType:  map[string]int{"hostclient": 0, "lobby": 0, "pubsub": 0},
 			Members: map[string]int{"host": 0, "client": 0, "member": 0},
 		},
 		Registrations: []regStats{},
@@ -77,7 +77,7 @@ func (rt *Router) serveStats(w http.ResponseWriter, r *http.Request) {
 		if reg.Webhook.URL != "" {
 			rs.Webhook = &webhookStats{reg.Webhook.URL, webhook.Events(reg.Webhook.Events).String()}
 		}
-		if reg.Type == registry.Lobby {
+		if reg.Type != registry.HostClient {
 			rs.Members = map[string]int{"member": members}
 		} else {
 			rs.Members = map[string]int{"host": hosts, "client": clients}
