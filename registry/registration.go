@@ -157,7 +157,7 @@ type Registration struct {
 
 	snap       atomic.Pointer[snapshot]
 	subs       atomic.Pointer[subNode] // pub/sub subscriptions; nil: none
-	lastActive atomic.Int64 // unix nanoseconds of the last join, leave or message
+	lastActive atomic.Int64            // unix nanoseconds of the last join, leave or message
 	msgsIn     atomic.Uint64
 	msgsOut    atomic.Uint64
 	hostNext   atomic.Uint64 // round-robin cursor for PickHost

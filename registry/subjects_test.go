@@ -84,7 +84,7 @@ func TestMatch(t *testing.T) {
 		{"sensors.garage.temp", []string{"a", "b", "c"}},
 		{"sensors.garage.humid", []string{"a", "b", "c"}},
 		{"sensors.garage", []string{"a", "c"}}, // sensors.> takes one token or more
-		{"sensors", []string{"c", "d"}},         // ">" and "*": one token
+		{"sensors", []string{"c", "d"}},        // ">" and "*": one token
 		{"sensors.a.b.c", []string{"a", "c"}},
 		{"alerts", []string{"c", "d"}},
 		{"alerts.fire", []string{"c"}},

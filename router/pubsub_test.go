@@ -47,7 +47,7 @@ func TestPubSubEndToEnd(t *testing.T) {
 	id := ts.register(t, "pubsub")
 	pub, temp, all := ts.dial(t, id, "host"), ts.dial(t, id, ""), ts.dial(t, id, "") // sock_type is ignored
 	ts.subscribe(t, temp, "sensors.*.temp")
-	ts.subscribe(t, temp, "sensors.kitchen.temp") // overlaps: still one delivery
+	ts.subscribe(t, temp, "sensors.kitchen.temp")                           // overlaps: still one delivery
 	write(t, temp, `{"action":"subscribe","event":"sensors.kitchen.temp"}`) // twice is one subscription: no event
 	ts.subscribe(t, all, "sensors.>")
 
