@@ -517,6 +517,19 @@ func (reg *Registration) Members() []MemberInfo {
 	return out
 }
 
+// View returns the live members, as Members does, and the Seq of the last
+// event they reflect: an observer that starts watching, then takes a View,
+// drops the events numbered up to it and misses none after.
+func (reg *Registration) View() ([]MemberInfo, uint64) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	out := make([]MemberInfo, 0, len(reg.members))
+	for _, e := range reg.members {
+		out = append(out, MemberInfo{e.m, e.role, e.name, slices.Clone(e.subs)})
+	}
+	return out, reg.seq
+}
+
 // PickHost returns one host, round-robin among the registration's hosts, or
 // nil when none is connected.
 func (reg *Registration) PickHost() Member {

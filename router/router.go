@@ -31,6 +31,7 @@ type Router struct {
 	relay     *relay.Proxy
 	limits    *limits
 	tokens    *tokens
+	watchers  watchers // the info streams
 
 	baseCtx    context.Context // parent of every connection's context
 	cancelBase context.CancelFunc
@@ -127,6 +128,7 @@ func New(cfg Config, log *slog.Logger) *Router {
 	mux.HandlerFunc(http.MethodPost, "/publish", rt.servePublish)
 	mux.HandlerFunc(http.MethodDelete, "/member", rt.serveCloseMember)
 	mux.HandlerFunc(http.MethodGet, "/members", rt.serveMembers)
+	mux.HandlerFunc(http.MethodGet, "/info", rt.serveInfo)
 	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)
 	mux.HandlerFunc(http.MethodHead, "/healthz", rt.serveHealth)
 	mux.Handler(http.MethodGet, "/metrics", m.handler())
@@ -164,6 +166,7 @@ func (rt *Router) Shutdown(ctx context.Context) error {
 	rt.mu.Unlock()
 
 	rt.registry.Close(codeGoingAway, "server shutting down")
+	rt.closeWatchers()
 
 	done := make(chan struct{})
 	go func() {
@@ -210,6 +213,7 @@ func (rt *Router) storeFailed(op string, err error) {
 
 // observe is the router's registry observer: metrics, logs, the relay.
 func (rt *Router) observe(ev registry.Event) {
+	rt.observeInfo(ev)
 	switch ev.Kind {
 	case registry.EventCreate:
 		if ev.Restored {
