@@ -12,6 +12,7 @@ import (
 	"github.com/julienschmidt/httprouter"
 
 	"wsrouter/registry"
+	"wsrouter/router/dashboard"
 	"wsrouter/router/relay"
 	"wsrouter/router/webhook"
 )
@@ -129,6 +130,9 @@ func New(cfg Config, log *slog.Logger) *Router {
 	mux.HandlerFunc(http.MethodDelete, "/member", rt.serveCloseMember)
 	mux.HandlerFunc(http.MethodGet, "/members", rt.serveMembers)
 	mux.HandlerFunc(http.MethodGet, "/info", rt.serveInfo)
+	for _, p := range dashboard.Paths() {
+		mux.Handler(http.MethodGet, p, dashboard.Handler())
+	}
 	mux.HandlerFunc(http.MethodGet, "/healthz", rt.serveHealth)
 	mux.HandlerFunc(http.MethodHead, "/healthz", rt.serveHealth)
 	mux.Handler(http.MethodGet, "/metrics", m.handler())
