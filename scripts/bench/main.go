@@ -30,6 +30,9 @@
 //	         joined yet (a fleet after a restart), with keys or tokens;
 //	         -restart connects them first, restarts the server on a data
 //	         file and times their reconnecting: admitted, time to all in
+//	pubsub   one event, -members subscribers, -publishers publishing, beside
+//	         a lobby of the same size in the same run; or -wild: -subs
+//	         wildcard subscriptions per member, publishes to random events
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
 //	         /relay/{id}/reading answered by a host in this process, beside
 //	         the same handler served directly (the reference here):
@@ -87,6 +90,7 @@ var scenarios = []scenario{
 	{"register", "fresh registrations at concurrency -c (-targets wsrouter; -server-flags \"-data FILE\" for a data file): registers/s", newRegister},
 	{"send", "POST /send to one of many members by connection id (-targets wsrouter): requests/s, latency, loss", newSend},
 	{"webhook", "message webhooks from many members to a local receiver (-targets wsrouter): events/s, loss", newWebhook},
+	{"pubsub", "pub/sub fan-out beside a lobby of the same size, or -wild: many wildcard subscriptions (-targets wsrouter): deliveries/s, CPU per delivery", newPubSub},
 	{"storm", "many first connects at once, with keys or tokens, optionally after a server restart (-restart): admitted, refused, seconds until all are in", newStorm},
 }
 

@@ -5,9 +5,11 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -30,8 +32,10 @@ type stormBench struct {
 	regs    int
 	auth    string
 	restart bool
-	dir     string // holds the -restart data file
-	file    string // the -restart data file, the same in every run
+	retry   bool
+	dir     string       // holds the -restart data file
+	retries atomic.Int64 // retries of the last connectAll
+	file    string       // the -restart data file, the same in every run
 }
 
 func newStorm(fs *flag.FlagSet) bench {
@@ -40,6 +44,7 @@ func newStorm(fs *flag.FlagSet) bench {
 	fs.IntVar(&b.regs, "regs", 1, "registrations the members are spread over (a fleet of devices: one each)")
 	fs.StringVar(&b.auth, "auth", "key", "key (each registration's key: one bcrypt per registration) or token (one per member, named, from POST /token)")
 	fs.BoolVar(&b.restart, "restart", false, "connect the members, restart the server on a data file, and measure their reconnecting (-targets wsrouter)")
+	fs.BoolVar(&b.retry, "retry", false, "a member refused with 503 or 429 tries again after a jittered backoff (0.5 s doubling to 8 s), as a device does, until it is in or 10 minutes have passed")
 	return b
 }
 
@@ -73,7 +78,7 @@ func (b *stormBench) cleanup() {
 }
 
 func (b *stormBench) params() map[string]any {
-	return map[string]any{"n": b.n, "regs": b.regs, "auth": b.auth, "restart": b.restart}
+	return map[string]any{"n": b.n, "regs": b.regs, "auth": b.auth, "restart": b.restart, "retry": b.retry}
 }
 
 func (b *stormBench) serverArgs() []string {
@@ -166,6 +171,7 @@ func (b *stormBench) run(ctx context.Context, t *target) (*result, error) {
 	p50, p99, pmax := percentilesMs(dials)
 	res.set("admitted", float64(len(dials)))
 	res.set("refused", float64(failures.total()))
+	res.set("retries", float64(b.retries.Load()))
 	res.set("all_in_s", pmax/1000)
 	res.set("connect_p50_ms", p50)
 	res.set("connect_p99_ms", p99)
@@ -178,6 +184,13 @@ func (b *stormBench) run(ctx context.Context, t *target) (*result, error) {
 	return res, nil
 }
 
+// retryable reports whether a device would try a failed connect again: the
+// server was busy (503) or rate-limited it (429).
+func retryable(err error) bool {
+	var de *dialError
+	return errors.As(err, &de) && (de.status == 503 || de.status == 429)
+}
+
 // connectAll connects every member at once and returns the connections,
 // the failures and each admitted member's time from the start to its 101.
 func (b *stormBench) connectAll(ctx context.Context, t *target, members []reg) ([]*websocket.Conn, *tally, []time.Duration) {
@@ -188,12 +201,22 @@ func (b *stormBench) connectAll(ctx context.Context, t *target, members []reg) (
 		conns    []*websocket.Conn
 		wg       sync.WaitGroup
 	)
+	b.retries.Store(0)
+	retries := &b.retries
 	start := make(chan struct{})
 	for _, m := range members {
 		wg.Go(func() {
 			<-start
 			t0 := time.Now()
 			c, err := t.connect(ctx, m, "", 0)
+			for backoff := 500 * time.Millisecond; b.retry && retryable(err) && time.Since(t0) < 10*time.Minute; backoff = min(2*backoff, 8*time.Second) {
+				retries.Add(1)
+				select {
+				case <-time.After(backoff/2 + rand.N(backoff/2)):
+				case <-ctx.Done():
+				}
+				c, err = t.connect(ctx, m, "", 0)
+			}
 			if err != nil {
 				failures.add(failKind(err), err)
 				return
