@@ -1,7 +1,10 @@
 package registry
 
 import (
+	"fmt"
+	"math/rand/v2"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -188,6 +191,40 @@ func FuzzValidPattern(f *testing.F) {
 		}
 		if trie.without(tokens(s), m) != nil {
 			t.Fatalf("%q left nodes behind", s)
+		}
+	})
+}
+
+// BenchmarkMatch matches random literal events against 1,000 members with
+// 20 random wildcard subscriptions each (the pubsub -wild benchmark's
+// table), and one event everyone subscribes to.
+func BenchmarkMatch(b *testing.B) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	var wild, one *subNode
+	for i := range 1000 {
+		m := newMember(strconv.Itoa(i))
+		one = one.orEmpty().with(tokens("bench.event"), m)
+		for range 20 {
+			a, c := strconv.Itoa(rng.IntN(32)), strconv.Itoa(rng.IntN(32))
+			p := [...]string{"s." + a + ".*", "s.*." + c, "s." + a + ".>", "s." + a + "." + c}[rng.IntN(4)]
+			wild = wild.with(tokens(p), m)
+		}
+	}
+	events := make([]string, 1024)
+	for i := range events {
+		events[i] = fmt.Sprintf("s.%d.%d", i/32, i%32)
+	}
+	b.Run("wild", func(b *testing.B) {
+		n := 0
+		for i := 0; b.Loop(); i++ {
+			n += len(wild.match(events[i%len(events)]))
+		}
+		b.ReportMetric(float64(n)/float64(b.N), "members/op")
+	})
+	b.Run("one-event", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			one.match("bench.event")
 		}
 	})
 }

@@ -132,25 +132,17 @@ func (b *stormBench) run(ctx context.Context, t *target) (*result, error) {
 		if failures.total() > 0 {
 			return res, fmt.Errorf("before the restart: %d connects failed: %s", failures.total(), failures.String())
 		}
-		// Each member reads, as a device does, so that it answers the
-		// old server's 1001 and the shutdown need not wait it out.
-		var readers sync.WaitGroup
-		for _, c := range conns {
-			readers.Go(func() {
-				for {
-					if _, _, err := c.Read(ctx); err != nil {
-						return
-					}
-				}
-			})
-		}
+		// Each member reads (connectAll started its reader), so it
+		// answers the old server's 1001 and the shutdown need not wait.
 		t.progress("restarting the server")
 		t0 := time.Now()
 		if err := t.restart(ctx); err != nil {
 			return res, err
 		}
 		res.set("restart_s", time.Since(t0).Seconds())
-		readers.Wait() // each was closed with 1001 by the old server
+		for _, c := range conns {
+			c.CloseNow() // closed with 1001 by the old server already
+		}
 	}
 	t.progress("%d connects at once", b.n)
 	cpu, err := startCPU(t.srv)
@@ -225,6 +217,16 @@ func (b *stormBench) connectAll(ctx context.Context, t *target, members []reg) (
 			mu.Lock()
 			dials, conns = append(dials, d), append(conns, c)
 			mu.Unlock()
+			// Read, as a device does: reading answers the server's pings
+			// (a member that does not is dropped after -ping-timeout) and
+			// its close.
+			go func() {
+				for {
+					if _, _, err := c.Read(ctx); err != nil {
+						return
+					}
+				}
+			}()
 		})
 	}
 	close(start)
