@@ -67,7 +67,7 @@ func FuzzParams(f *testing.F) {
 		} else {
 			check("key", err)
 		}
-		if typ, err := p.regType(); err == nil && typ != registry.Lobby && typ != registry.HostClient {
+		if typ, err := p.regType(); err == nil && typ != registry.Lobby && typ != registry.HostClient && typ != registry.PubSub {
 			t.Fatalf("reg_type %v accepted", typ)
 		} else {
 			check("reg_type", err)

@@ -46,7 +46,7 @@ func TestRegister(t *testing.T) {
 		{name: "empty key", method: "GET", query: "key=&host_key=b&reg_type=lobby", want: 400},
 		{name: "key too long", method: "GET", query: "key=" + long + "&host_key=b&reg_type=lobby", want: 400},
 		{name: "missing reg_type", method: "GET", query: "key=a&host_key=b", want: 400},
-		{name: "bad reg_type", method: "GET", query: "key=a&host_key=b&reg_type=pubsub", want: 400},
+		{name: "bad reg_type", method: "GET", query: "key=a&host_key=b&reg_type=topics", want: 400},
 		{name: "bad id_req", method: "GET", query: "key=a&host_key=b&reg_type=lobby&id_req=a/b", want: 400},
 		{name: "id_req too long", method: "GET", query: "key=a&host_key=b&reg_type=lobby&id_req=" + strings.Repeat("i", 65), want: 400},
 		{name: "repeated key", method: "GET", query: "key=a&key=c&host_key=b&reg_type=lobby", want: 400},
