@@ -20,7 +20,8 @@ func TestParseType(t *testing.T) {
 	}{
 		{"hostclient", HostClient, true},
 		{"lobby", Lobby, true},
-		{"pubsub", 0, false},
+		{"pubsub", PubSub, true},
+		{"topics", 0, false},
 		{"", 0, false},
 		{"Lobby", 0, false},
 		{"host", 0, false},
