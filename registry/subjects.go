@@ -47,15 +47,73 @@ func validSubject(s string, wildcards bool) bool {
 }
 
 // subNode is one token of the subscription trie. A trie is immutable once
-// published: a change copies the nodes on its path (and their maps and
-// member lists) and publishes a new root, so that matching reads it without
-// a lock, as fan-out reads the member snapshot.
+// published: a change copies the nodes on its path (and, of each, the one
+// bucket of children it passes through, and the member list it changes)
+// and publishes a new root, so that matching reads it without a lock, as
+// fan-out reads the member snapshot.
 type subNode struct {
-	next map[string]*subNode // literal tokens
-	star *subNode            // "*"
+	next children // literal tokens
+	star *subNode // "*"
 	// here are the members whose subscription ends at this node; rest
 	// those whose subscription is this node's path followed by ">".
 	here, rest []Member
+}
+
+// children are a node's literal branches, spread over buckets by a hash of
+// the token so that a change copies one bucket, not every branch: a node
+// with 10,000 branches (a token per device, say) costs a copy of about 300
+// of them per subscribe, not 10,000.
+type children struct {
+	b *[childBuckets]map[string]*subNode // nil: none
+}
+
+const childBuckets = 32
+
+func bucketOf(tok string) int {
+	h := uint32(2166136261) // FNV-1a
+	for i := 0; i < len(tok); i++ {
+		h = (h ^ uint32(tok[i])) * 16777619
+	}
+	return int(h % childBuckets)
+}
+
+func (c children) get(tok string) *subNode {
+	if c.b == nil {
+		return nil
+	}
+	return c.b[bucketOf(tok)][tok]
+}
+
+func (c children) empty() bool {
+	if c.b == nil {
+		return true
+	}
+	for _, m := range c.b {
+		if len(m) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// with returns a copy of c with tok's branch set to n (nil: removed).
+func (c children) with(tok string, n *subNode) children {
+	var b [childBuckets]map[string]*subNode
+	if c.b != nil {
+		b = *c.b
+	}
+	i := bucketOf(tok)
+	m := make(map[string]*subNode, len(b[i])+1)
+	for k, v := range b[i] {
+		m[k] = v
+	}
+	if n != nil {
+		m[tok] = n
+	} else {
+		delete(m, tok)
+	}
+	b[i] = m
+	return children{&b}
 }
 
 var emptyTrie = &subNode{}
@@ -72,8 +130,7 @@ func (n *subNode) with(toks []string, m Member) *subNode {
 	case toks[0] == "*":
 		c.star = c.star.orEmpty().with(toks[1:], m)
 	default:
-		c.next = cloneMap(c.next)
-		c.next[toks[0]] = c.next[toks[0]].orEmpty().with(toks[1:], m)
+		c.next = c.next.with(toks[0], c.next.get(toks[0]).orEmpty().with(toks[1:], m))
 	}
 	return c
 }
@@ -93,14 +150,11 @@ func (n *subNode) without(toks []string, m Member) *subNode {
 	case toks[0] == "*":
 		c.star = c.star.without(toks[1:], m)
 	default:
-		c.next = cloneMap(c.next)
-		if child := c.next[toks[0]].without(toks[1:], m); child != nil {
-			c.next[toks[0]] = child
-		} else {
-			delete(c.next, toks[0])
+		if child := n.next.get(toks[0]); child != nil {
+			c.next = c.next.with(toks[0], child.without(toks[1:], m))
 		}
 	}
-	if len(c.here) == 0 && len(c.rest) == 0 && c.star == nil && len(c.next) == 0 {
+	if len(c.here) == 0 && len(c.rest) == 0 && c.star == nil && c.next.empty() {
 		return nil
 	}
 	return c
@@ -119,14 +173,6 @@ func (n *subNode) clone() *subNode {
 	}
 	c := *n
 	return &c
-}
-
-func cloneMap(m map[string]*subNode) map[string]*subNode {
-	c := make(map[string]*subNode, len(m)+1)
-	for k, v := range m {
-		c[k] = v
-	}
-	return c
 }
 
 // removeMember returns a new slice of ms without m.
@@ -168,7 +214,7 @@ func (n *subNode) match(event string) []Member {
 		if !found {
 			more = ""
 		}
-		walk(n.next[tok], more)
+		walk(n.next.get(tok), more)
 		walk(n.star, more)
 	}
 	walk(n, event)

@@ -228,3 +228,20 @@ func BenchmarkMatch(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkSubscribeWide is a subscribe and an unsubscribe beside 10,000
+// other subscriptions that all branch at the root (a token per device):
+// a change copies one bucket of the root's branches, not all of them.
+func BenchmarkSubscribeWide(b *testing.B) {
+	var trie *subNode
+	for i := range 10000 {
+		trie = trie.with(tokens("device-"+strconv.Itoa(i)+".>"), newMember(strconv.Itoa(i)))
+	}
+	m := newMember("x")
+	for b.Loop() {
+		t := trie.with(tokens("device-x.status"), m)
+		if t.without(tokens("device-x.status"), m) == nil {
+			b.Fatal("emptied")
+		}
+	}
+}

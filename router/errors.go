@@ -60,6 +60,8 @@ func status(err error) (int, string) {
 		return http.StatusServiceUnavailable, "too many members"
 	case errors.Is(err, registry.ErrBusy):
 		return http.StatusServiceUnavailable, "server busy"
+	case errors.Is(err, errTooManyWatchers):
+		return http.StatusServiceUnavailable, "too many info streams"
 	case errors.Is(err, registry.ErrStore):
 		return http.StatusServiceUnavailable, "storage unavailable"
 	case errors.Is(err, registry.ErrRemoving):

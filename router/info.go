@@ -24,10 +24,17 @@ import (
 // has a bounded queue like a member's: one that falls behind is closed with
 // 4008, and nothing it does slows the router.
 
-// maxWatchers bounds the info streams open at once.
-const maxWatchers = 1024
+// Bounds on the info streams open at once: of one registration (so that one
+// registration's owner cannot take every slot), of every registration
+// (admin streams, counted apart so that the dashboard always has room), and
+// in all.
+const (
+	maxWatchersPerReg = 16
+	maxWatchersAll    = 64
+	maxWatchers       = 1024
+)
 
-// errTooManyWatchers is a watcher over maxWatchers: 503.
+// errTooManyWatchers is a watcher over one of those bounds: 503.
 var errTooManyWatchers = errors.New("too many info streams")
 
 // infoProtocol is the subprotocol the dashboard asks for, with the admin
@@ -51,7 +58,8 @@ type watchers struct {
 // writer goroutine.
 type watcher struct {
 	rt    *Router
-	regID string // "" for every registration
+	regID string                 // "" for every registration
+	reg   *registry.Registration // the one watched; nil for every registration
 	ws    *websocket.Conn
 	max   int
 
@@ -76,7 +84,9 @@ type infoFrame struct {
 func (ws *watchers) add(w *watcher) error {
 	ws.mu.Lock()
 	defer ws.mu.Unlock()
-	if ws.n.Load() >= maxWatchers {
+	switch {
+	case w.regID == "" && len(ws.all) >= maxWatchersAll,
+		w.regID != "" && (len(ws.byReg[w.regID]) >= maxWatchersPerReg || int(ws.n.Load())-len(ws.all) >= maxWatchers):
 		return errTooManyWatchers
 	}
 	if w.regID == "" {
@@ -191,6 +201,9 @@ func (rt *Router) observeInfo(ev registry.Event) {
 	if len(one) > 0 {
 		data, _ := json.Marshal(e)
 		for _, w := range one {
+			if w.reg != ev.Reg {
+				continue // a registration made again under its id: not the one watched
+			}
 			w.event(infoFrame{ev.Reg.ID, ev.Seq, data})
 			if ev.Kind == registry.EventRemove {
 				w.closeAfter(codeRemoved, "registration removed")
@@ -398,10 +411,18 @@ func (rt *Router) admitWatcher(w http.ResponseWriter, r *http.Request) (*watcher
 	}
 	rt.conns.Add(1)
 	rt.mu.Unlock()
-	wt := &watcher{rt: rt, regID: id, max: rt.cfg.SendQueueBytes, wake: make(chan struct{}, 1)}
+	wt := &watcher{rt: rt, regID: id, reg: reg, max: rt.cfg.SendQueueBytes, wake: make(chan struct{}, 1)}
 	if err := rt.watchers.add(wt); err != nil {
 		rt.conns.Done()
 		return nil, nil, nil, err
+	}
+	// Removed while the credentials were checked: its remove event came
+	// before the watcher could hear it. Once the watcher is in, a removal
+	// not yet made will reach it.
+	if reg != nil && reg.Removed() {
+		rt.watchers.remove(wt)
+		rt.conns.Done()
+		return nil, nil, nil, registry.ErrNotFound
 	}
 	floor := map[string]uint64{}
 	var snap any

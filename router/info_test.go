@@ -180,6 +180,22 @@ func TestInfoStatuses(t *testing.T) {
 	if code, _, _ := ts.do(t, http.MethodGet, "/info?id="+id, nil, http.Header{"X-Host-Key": {testHostKey}}); code != 400 {
 		t.Errorf("plain GET: %d, want 400", code)
 	}
+
+	// One registration's owner cannot take every stream: past its cap it
+	// gets 503, and the admin's stream of everything still opens.
+	other := ts.register(t, "lobby")
+	q := url.Values{"id": {other}, "host_key": {testHostKey}}
+	for i := range maxWatchersPerReg {
+		if _, code := ts.tryWatch(t, q, nil); code != 101 {
+			t.Fatalf("watcher %d: %d", i, code)
+		}
+	}
+	if _, code := ts.tryWatch(t, q, nil); code != 503 {
+		t.Fatalf("watcher past the cap: %d, want 503", code)
+	}
+	if _, code := ts.tryWatch(t, nil, admin); code != 101 {
+		t.Fatalf("the admin's stream beside them: %d, want 101", code)
+	}
 }
 
 // TestInfoWatcherFallsBehind: a watcher that never reads is closed with

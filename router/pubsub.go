@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"time"
+	"unicode/utf8"
 
 	"wsrouter/registry"
 )
@@ -169,13 +170,21 @@ func (rt *Router) publish(w http.ResponseWriter, r *http.Request) (int, error) {
 		}
 		return 0, paramError("request body unreadable")
 	}
+	// Subscribers are often browsers, which fail their whole connection
+	// on a text message that is not UTF-8: such a body never goes out.
+	if !utf8.Valid(body) {
+		return 0, paramError("body: not UTF-8")
+	}
 	var ev struct {
 		Event string          `json:"event"`
 		Data  json.RawMessage `json:"data"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := dec.Decode(&ev); err != nil || dec.More() {
+	if err := dec.Decode(&ev); err != nil {
 		return 0, paramError(`body: want one JSON object {"event":E,"data":…}`)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return 0, paramError(`body: want one JSON object {"event":E,"data":…}, nothing after it`)
 	}
 	if !registry.ValidEvent(ev.Event) {
 		return 0, paramError("bad event: dot-separated tokens of A-Z a-z 0-9 _ -, 1 to 128 bytes, no wildcards")

@@ -201,6 +201,8 @@ func TestPublishHTTP(t *testing.T) {
 		{"no key", id, nil, nil, `{"event":"a"}`, 400, ""},
 		{"not JSON", id, nil, key, `event=a`, 400, ""},
 		{"two objects", id, nil, key, `{"event":"a"}{"event":"b"}`, 400, ""},
+		{"a stray brace after it", id, nil, key, `{"event":"a"}}`, 400, ""},
+		{"not UTF-8", id, nil, key, "{\"event\":\"a\",\"data\":\"\xff\"}", 400, ""},
 		{"wildcard event", id, nil, key, `{"event":"alerts.*"}`, 400, ""},
 		{"no event", id, nil, key, `{"data":1}`, 400, ""},
 		{"not pubsub", lobby, nil, key, `{"event":"a"}`, 400, ""},
