@@ -1,0 +1,162 @@
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/coder/websocket"
+)
+
+// relayRequest is a relay frame from the router (docs/protocol.md §7.1).
+type relayRequest struct {
+	RID          string                     `json:"rid"`
+	Method       string                     `json:"method"`
+	Path         string                     `json:"path"`
+	Query        map[string]json.RawMessage `json:"query"`
+	Headers      map[string]string          `json:"headers"`
+	Body         *string                    `json:"body"`
+	BodyEncoding string                     `json:"body_encoding"`
+}
+
+// relayReply is the device's answer (§7.3).
+type relayReply struct {
+	RID      string            `json:"rid"`
+	Status   int               `json:"status"`
+	Type     string            `json:"type,omitempty"`
+	Headers  map[string]string `json:"headers,omitempty"`
+	Content  string            `json:"content"`
+	Encoding string            `json:"encoding,omitempty"`
+}
+
+// RelayOptions tune ServeRelay.
+type RelayOptions struct {
+	// Concurrency bounds the requests handled at once; 0 means 16. A
+	// request beyond it waits for a slot (the router times it out with
+	// 504 if it waits too long).
+	Concurrency int
+}
+
+// ServeRelay answers the relayed HTTP requests that reach conn (a host of a
+// hostclient registration) with handler, as an http.Server would: each
+// relay frame becomes an *http.Request (method, path, query, headers, body),
+// and what the handler writes (status, headers, body; a body that is not
+// UTF-8 goes as base64) becomes the reply. Requests run concurrently, at
+// most opts.Concurrency at once. Frames that are not relay requests still
+// reach conn.Read. It returns when ctx ends or conn closes, after the
+// requests in progress have been answered.
+func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *RelayOptions) error {
+	n := 16
+	if opts != nil && opts.Concurrency > 0 {
+		n = opts.Concurrency
+	}
+	slots := make(chan struct{}, n)
+	reqs := make(chan relayRequest, n)
+	conn.setFilter(func(m Message) bool {
+		if m.Type != websocket.MessageText || !bytes.Contains(m.Data, []byte(`"rid"`)) {
+			return false
+		}
+		var r relayRequest
+		if json.Unmarshal(m.Data, &r) != nil || r.RID == "" || r.Method == "" {
+			return false
+		}
+		select {
+		case reqs <- r:
+		case <-ctx.Done():
+		case <-conn.Done():
+		}
+		return true
+	})
+	defer conn.setFilter(nil)
+	for {
+		select {
+		case r := <-reqs:
+			slots <- struct{}{}
+			go func() {
+				defer func() { <-slots }()
+				reply := serveOne(ctx, handler, r)
+				b, _ := json.Marshal(reply)
+				// A reply whose session ended is lost; the router has
+				// answered its caller 502 already.
+				conn.Write(ctx, websocket.MessageText, b)
+			}()
+		case <-ctx.Done():
+			for range n {
+				slots <- struct{}{}
+			}
+			return ctx.Err()
+		case <-conn.Done():
+			for range n {
+				slots <- struct{}{}
+			}
+			return conn.Err()
+		}
+	}
+}
+
+// serveOne runs handler for one relay request and builds its reply.
+func serveOne(ctx context.Context, handler http.Handler, r relayRequest) relayReply {
+	var body []byte
+	if r.Body != nil {
+		if r.BodyEncoding == "base64" {
+			body, _ = base64.StdEncoding.DecodeString(*r.Body)
+		} else {
+			body = []byte(*r.Body)
+		}
+	}
+	q := url.Values{}
+	for k, raw := range r.Query {
+		var one string
+		var many []string
+		if json.Unmarshal(raw, &one) == nil {
+			q.Add(k, one)
+		} else if json.Unmarshal(raw, &many) == nil {
+			q[k] = append(q[k], many...)
+		}
+	}
+	u := &url.URL{Path: r.Path, RawQuery: q.Encode()}
+	req, err := http.NewRequestWithContext(ctx, r.Method, u.String(), bytes.NewReader(body))
+	if err != nil {
+		return relayReply{RID: r.RID, Status: http.StatusBadRequest, Type: "text", Content: "bad relayed request"}
+	}
+	req.RequestURI = u.RequestURI()
+	for k, v := range r.Headers {
+		req.Header.Set(k, v)
+	}
+	if h := req.Header.Get("Host"); h != "" {
+		req.Host = h
+	}
+	req.ContentLength = int64(len(body))
+	rec := httptest.NewRecorder()
+	handler.ServeHTTP(rec, req)
+
+	res := rec.Result()
+	out := relayReply{RID: r.RID, Status: res.StatusCode}
+	if ct := res.Header.Get("Content-Type"); ct != "" {
+		out.Type = ct
+	} else {
+		out.Type = http.DetectContentType(rec.Body.Bytes())
+	}
+	for k, v := range res.Header {
+		if k == "Content-Type" || k == "Content-Length" {
+			continue
+		}
+		if out.Headers == nil {
+			out.Headers = map[string]string{}
+		}
+		out.Headers[k] = strings.Join(v, ", ")
+	}
+	b := rec.Body.Bytes()
+	if utf8.Valid(b) {
+		out.Content = string(b)
+	} else {
+		out.Content, out.Encoding = base64.StdEncoding.EncodeToString(b), "base64"
+	}
+	return out
+}
