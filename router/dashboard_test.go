@@ -188,3 +188,17 @@ func TestDashboardServed(t *testing.T) {
 		t.Errorf("unknown asset: %d", code)
 	}
 }
+
+// TestClientJSServed: the JavaScript client and its types are served for
+// pages of any origin to import.
+func TestClientJSServed(t *testing.T) {
+	ts := newTestServer(t, Config{})
+	code, body, h := ts.do(t, http.MethodGet, "/client.js", nil, http.Header{"Origin": {"https://app.example"}})
+	if code != 200 || !strings.HasPrefix(h.Get("Content-Type"), "text/javascript") || !strings.Contains(body, "export function connect(") ||
+		h.Get("Access-Control-Allow-Origin") != "*" {
+		t.Fatalf("/client.js: %d %s %q", code, h.Get("Content-Type"), h.Get("Access-Control-Allow-Origin"))
+	}
+	if code, body, _ := ts.do(t, http.MethodGet, "/client.d.ts", nil, nil); code != 200 || !strings.Contains(body, "export function connect(") {
+		t.Fatalf("/client.d.ts: %d", code)
+	}
+}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/julienschmidt/httprouter"
 
+	jsclient "wsrouter/client/js"
 	"wsrouter/registry"
 	"wsrouter/router/dashboard"
 	"wsrouter/router/relay"
@@ -130,6 +131,8 @@ func New(cfg Config, log *slog.Logger) *Router {
 	mux.HandlerFunc(http.MethodDelete, "/member", rt.serveCloseMember)
 	mux.HandlerFunc(http.MethodGet, "/members", rt.serveMembers)
 	mux.HandlerFunc(http.MethodGet, "/info", rt.serveInfo)
+	mux.HandlerFunc(http.MethodGet, "/client.js", serveFile(jsclient.Source, "text/javascript; charset=utf-8"))
+	mux.HandlerFunc(http.MethodGet, "/client.d.ts", serveFile(jsclient.Types, "application/typescript; charset=utf-8"))
 	for _, p := range dashboard.Paths() {
 		mux.Handler(http.MethodGet, p, dashboard.Handler())
 	}
@@ -144,6 +147,17 @@ func New(cfg Config, log *slog.Logger) *Router {
 	}
 	rt.mux = mux
 	return rt
+}
+
+// serveFile answers with an embedded file: the JavaScript client, which pages
+// of any origin may import (every answer carries the router's CORS header).
+func serveFile(b []byte, typ string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", typ)
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		w.Header().Set("Cache-Control", "no-cache")
+		w.Write(b)
+	}
 }
 
 // ServeHTTP implements http.Handler.
