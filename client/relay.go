@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strings"
 	"unicode/utf8"
@@ -100,6 +99,27 @@ func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *Rel
 	}
 }
 
+// recorder is the http.ResponseWriter of a relayed request: what the
+// handler writes becomes the reply.
+type recorder struct {
+	h      http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (r *recorder) Header() http.Header { return r.h }
+
+func (r *recorder) WriteHeader(code int) {
+	if r.status == 0 {
+		r.status = code
+	}
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	r.WriteHeader(http.StatusOK)
+	return r.body.Write(b)
+}
+
 // serveOne runs handler for one relay request and builds its reply.
 func serveOne(ctx context.Context, handler http.Handler, r relayRequest) relayReply {
 	var body []byte
@@ -133,17 +153,19 @@ func serveOne(ctx context.Context, handler http.Handler, r relayRequest) relayRe
 		req.Host = h
 	}
 	req.ContentLength = int64(len(body))
-	rec := httptest.NewRecorder()
+	rec := &recorder{h: http.Header{}}
 	handler.ServeHTTP(rec, req)
 
-	res := rec.Result()
-	out := relayReply{RID: r.RID, Status: res.StatusCode}
-	if ct := res.Header.Get("Content-Type"); ct != "" {
+	if rec.status == 0 {
+		rec.status = http.StatusOK
+	}
+	out := relayReply{RID: r.RID, Status: rec.status}
+	if ct := rec.h.Get("Content-Type"); ct != "" {
 		out.Type = ct
 	} else {
-		out.Type = http.DetectContentType(rec.Body.Bytes())
+		out.Type = http.DetectContentType(rec.body.Bytes())
 	}
-	for k, v := range res.Header {
+	for k, v := range rec.h {
 		if k == "Content-Type" || k == "Content-Length" {
 			continue
 		}
@@ -152,7 +174,7 @@ func serveOne(ctx context.Context, handler http.Handler, r relayRequest) relayRe
 		}
 		out.Headers[k] = strings.Join(v, ", ")
 	}
-	b := rec.Body.Bytes()
+	b := rec.body.Bytes()
 	if utf8.Valid(b) {
 		out.Content = string(b)
 	} else {

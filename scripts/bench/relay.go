@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+
+	"wsrouter/client"
 )
 
 // Targets from the issue that asked for this scenario.
@@ -45,6 +47,7 @@ type relayBench struct {
 	o           *options
 	conc        int
 	hostWorkers int
+	host        string
 	timeout     time.Duration
 }
 
@@ -53,6 +56,7 @@ func newRelay(fs *flag.FlagSet) bench {
 	fs.IntVar(&b.conc, "c", 1, "HTTP clients, each with one request in flight (closed loop)")
 	fs.IntVar(&b.hostWorkers, "host-workers", 4, "goroutines of the host answering relay frames (0: answer in its read loop)")
 	fs.DurationVar(&b.timeout, "request-timeout", 15*time.Second, "HTTP client timeout per request")
+	fs.StringVar(&b.host, "host", "handwritten", "the device: handwritten (frames parsed and built by hand, as examples/device did), serverelay (client.ServeRelay with an http.Handler, -host-workers at once), or both, one after the other in each run (-targets wsrouter)")
 	return b
 }
 
@@ -65,12 +69,16 @@ func (b *relayBench) check(o *options) error {
 		return errors.New("-host-workers must be 0 to 1024")
 	case b.timeout <= 0:
 		return errors.New("-request-timeout must be positive")
+	case b.host != "handwritten" && b.host != "serverelay" && b.host != "both":
+		return fmt.Errorf("-host %q: want handwritten, serverelay or both", b.host)
+	case b.host == "both" && o.targets != kindWsrouter:
+		return errors.New("-host both needs -targets wsrouter")
 	}
 	return nil
 }
 
 func (b *relayBench) params() map[string]any {
-	return map[string]any{"c": b.conc, "host_workers": b.hostWorkers, "path": readingPath,
+	return map[string]any{"c": b.conc, "host_workers": b.hostWorkers, "host": b.host, "path": readingPath,
 		"request_timeout": b.timeout.String()}
 }
 
@@ -136,6 +144,33 @@ type relayClient struct {
 }
 
 func (b *relayBench) run(ctx context.Context, t *target) (*result, error) {
+	if b.host != "both" || t.isRef() {
+		host := b.host
+		if host == "both" {
+			host = "handwritten"
+		}
+		return b.runHost(ctx, t, host)
+	}
+	res := newResult()
+	for _, h := range []string{"handwritten", "serverelay"} {
+		r, err := b.runHost(ctx, t, h)
+		for k, v := range r.figures {
+			res.set(k+"_"+h, v)
+		}
+		for _, a := range r.anomalies {
+			res.anomaly("%s: %s", h, a)
+		}
+		if err != nil {
+			return res, fmt.Errorf("%s: %w", h, err)
+		}
+	}
+	if hw := res.figures["round_trips_per_s_handwritten"]; hw > 0 {
+		res.set("serverelay_vs_handwritten", res.figures["round_trips_per_s_serverelay"]/hw)
+	}
+	return res, nil
+}
+
+func (b *relayBench) runHost(ctx context.Context, t *target, host string) (*result, error) {
 	res := newResult()
 	clk := newClock()
 	runCtx, cancel := context.WithCancel(ctx)
@@ -164,7 +199,11 @@ func (b *relayBench) run(ctx context.Context, t *target) (*result, error) {
 	if t.isRef() {
 		u = "http://" + t.srv.addr + readingPath + "?key=" + randHex(16)
 	} else {
-		r, stop, err := b.startHost(ctx, t, res)
+		start := b.startHost
+		if host == "serverelay" {
+			start = b.startServeRelay
+		}
+		r, stop, err := start(ctx, t, res)
 		if stop != nil {
 			defer stop()
 		}
@@ -426,6 +465,42 @@ func (b *relayBench) startHost(ctx context.Context, t *target, res *result) (reg
 			res.notes["host_unexpected_end"] = closes.snapshot()
 			res.anomaly("the host connection ended during the run: %s", closes.String())
 		}
+	}
+	return r, stop, nil
+}
+
+// startServeRelay is startHost with the client library's device side: a
+// client.Conn answering with client.ServeRelay and an http.Handler for GET
+// /reading, -host-workers requests at once.
+func (b *relayBench) startServeRelay(ctx context.Context, t *target, res *result) (reg, func(), error) {
+	t.progress("registering and connecting the host (client.ServeRelay)")
+	r, err := t.register(ctx, "hostclient")
+	if err != nil {
+		return r, nil, err
+	}
+	conn, err := client.Dial(ctx, client.Options{URL: "http://" + t.srv.addr, ID: r.id, Key: r.key, Role: "host", HTTPClient: t.dial.client()})
+	if err != nil {
+		return r, nil, err
+	}
+	started := time.Now()
+	var answered atomic.Uint64
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+readingPath, func(w http.ResponseWriter, _ *http.Request) {
+		answered.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(appendReading(nil, time.Since(started)))
+	})
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		client.ServeRelay(sctx, conn, mux, &client.RelayOptions{Concurrency: max(b.hostWorkers, 1)})
+	}()
+	stop := func() {
+		cancel()
+		<-done
+		conn.Close()
+		res.notes["host_answered"] = answered.Load()
 	}
 	return r, stop, nil
 }
