@@ -33,6 +33,8 @@
 //	pubsub   one event, -members subscribers, -publishers publishing, beside
 //	         a lobby of the same size in the same run; or -wild: -subs
 //	         wildcard subscriptions per member, publishes to random events
+//	reconnect -n Go clients of wsrouter/client in one lobby; the router is
+//	         restarted on its data file; seconds until all are back
 //	relay    -c concurrent HTTP clients, each in a closed loop, GET
 //	         /relay/{id}/reading answered by a host in this process, beside
 //	         the same handler served directly (the reference here):
@@ -91,6 +93,7 @@ var scenarios = []scenario{
 	{"send", "POST /send to one of many members by connection id (-targets wsrouter): requests/s, latency, loss", newSend},
 	{"webhook", "message webhooks from many members to a local receiver (-targets wsrouter): events/s, loss", newWebhook},
 	{"pubsub", "pub/sub fan-out beside a lobby of the same size, or -wild: many wildcard subscriptions (-targets wsrouter): deliveries/s, CPU per delivery", newPubSub},
+	{"reconnect", "Go clients (wsrouter/client) reconnecting after a router restart (-targets wsrouter): seconds until all are back, per-second curve", newReconnect},
 	{"storm", "many first connects at once, with keys or tokens, optionally after a server restart (-restart): admitted, refused, seconds until all are in", newStorm},
 }
 
