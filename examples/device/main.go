@@ -16,9 +16,12 @@
 // Frames without rid and method are not requests (a client of the
 // registration may talk to the host too) and are ignored.
 //
-// Like a real device it reconnects with backoff when the connection drops,
-// and registers its id again if the router lost it (after a restart) and it
-// knows the host key. Ctrl-C ends it.
+// It is written on the client library (wsrouter/client): client.Dial keeps
+// it connected, reconnecting with backoff when the connection drops, and
+// client.ServeRelay turns each relay frame into a call of an ordinary
+// http.Handler, so the routes below are plain net/http. If the router
+// forgot the registration (a restart without a data file) and the device
+// knows the host key, it registers its id again. Ctrl-C ends it.
 //
 // Keys travel in the X-Key and X-Host-Key headers, never in a URL, and are
 // never printed. They may be flags or, to keep them out of shell history and
@@ -30,7 +33,6 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -41,14 +43,14 @@ import (
 	"io"
 	"math"
 	mrand "math/rand/v2"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
-	"strings"
+	"sync"
 	"syscall"
 	"time"
+	"wsrouter/client"
 
 	"github.com/coder/websocket"
 )
@@ -141,9 +143,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			c.hostKey = rand.Text()
 		}
 		id, err := register(ctx, c)
-		var se *statusError
 		switch {
-		case errors.As(err, &se) && se.code == http.StatusConflict && c.id != "":
+		case errors.Is(err, client.ErrConflict) && c.id != "":
 			// The router kept the registration from an earlier run (it
 			// keeps registrations across restarts): join it. A different
 			// key is then a 403 at connect.
@@ -159,6 +160,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return d.run(ctx, c, stdout)
 }
 
+func register(ctx context.Context, c *config) (string, error) {
+	return client.Register(ctx, c.router.String(), client.Registration{Type: "hostclient", Key: c.key, HostKey: c.hostKey, ID: c.id})
+}
+
 // tryIt prints curl commands for every route. The key stays a shell
 // variable: it is never printed.
 func tryIt(out io.Writer, c *config) {
@@ -170,159 +175,81 @@ func tryIt(out io.Writer, c *config) {
 `, c.router.JoinPath("relay", c.id))
 }
 
-// run keeps the device connected until ctx is done or the registration is
-// removed, reconnecting with exponential backoff (1 s to 1 min, jittered so
-// that many devices do not come back in step after a router restart).
+// run keeps the device answering until ctx is done or the registration is
+// removed. client.Dial reconnects by itself; what it cannot heal (the
+// router forgot the registration) ends the Conn, and the device registers
+// again once if it can.
 func (d *device) run(ctx context.Context, c *config, out io.Writer) error {
-	backoff := time.Second
-	first := true // no connection yet
+	first := true
 	for {
-		ws, err := dial(ctx, c)
-		var se *statusError
-		if errors.As(err, &se) && se.code == http.StatusNotFound && !first && c.hostKey != "" {
-			// The router forgot the registration it had (it restarted):
-			// make it again under the same id. On the first dial a 404 is
-			// a wrong -id, which must not create a registration.
-			if _, err = register(ctx, c); err == nil {
+		conn, err := client.Dial(ctx, client.Options{
+			URL: c.router.String(), ID: c.id, Key: c.key, Role: "host", MinBackoff: time.Second, MaxBackoff: time.Minute,
+			OnState: func(s client.State) {
+				switch s.Kind {
+				case client.Connected:
+					fmt.Fprintln(out, "device: connected as host of", c.id)
+				case client.Reconnecting:
+					fmt.Fprintf(out, "device: %v; reconnecting in %v\n", s.Err, s.Delay.Round(time.Millisecond))
+				}
+			},
+		})
+		if errors.Is(err, client.ErrNotFound) && !first && c.hostKey != "" {
+			// The router forgot the registration it had: make it again
+			// under the same id. On the first dial a 404 is a wrong -id,
+			// which must not create a registration.
+			if _, rerr := register(ctx, c); rerr == nil {
 				fmt.Fprintln(out, "device: registered", c.id, "again")
-				ws, err = dial(ctx, c)
+				continue
 			}
 		}
-		if errors.As(err, &se) && se.code != http.StatusServiceUnavailable {
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
 			return err // a wrong key or an unknown id does not heal by waiting
 		}
-		if err == nil {
-			fmt.Fprintln(out, "device: connected as host of", c.id)
-			if first {
-				tryIt(out, c)
-				first = false
-			}
-			backoff = time.Second
-			err = d.serve(ctx, ws, out)
-			if err == nil {
-				return nil
-			}
+		if first {
+			tryIt(out, c)
+			first = false
 		}
-		if ctx.Err() != nil {
+		err = client.ServeRelay(ctx, conn, d.routes(out), nil)
+		conn.Close()
+		switch {
+		case ctx.Err() != nil:
 			return nil
-		}
-		wait := backoff/2 + mrand.N(backoff/2)
-		fmt.Fprintf(out, "device: %v; reconnecting in %v\n", err, wait.Round(time.Millisecond))
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
+		case errors.Is(err, client.ErrRemoved):
+			fmt.Fprintln(out, "device: registration removed, stopping")
 			return nil
+		case errors.Is(err, client.ErrNotFound) && c.hostKey != "":
+			continue
 		}
-		backoff = min(2*backoff, time.Minute)
+		return err
 	}
 }
 
-// serve answers relay frames until the connection ends. It returns nil when
-// the device should stop (ctx done, registration removed) and an error when
-// it should reconnect.
-func (d *device) serve(ctx context.Context, ws *websocket.Conn, out io.Writer) error {
-	defer ws.CloseNow()
-	// ctx ending closes the socket with 1000; reads use Background so that
-	// the close handshake completes instead of the read being cut off.
-	stop := context.AfterFunc(ctx, func() { ws.Close(websocket.StatusNormalClosure, "bye") })
-	defer stop()
-	for {
-		typ, data, err := ws.Read(context.Background())
-		if err != nil {
-			switch {
-			case ctx.Err() != nil:
-				return nil
-			case websocket.CloseStatus(err) == codeRemoved:
-				fmt.Fprintln(out, "device: registration removed, stopping")
-				return nil
-			}
-			var ce websocket.CloseError
-			if errors.As(err, &ce) {
-				return fmt.Errorf("closed: %d %s", int(ce.Code), ce.Reason)
-			}
-			return fmt.Errorf("connection lost: %w", err)
-		}
-		var req request
-		if typ != websocket.MessageText || json.Unmarshal(data, &req) != nil || req.RID == "" || req.Method == "" {
-			continue // not a relay request
-		}
-		rep := d.handle(&req)
-		rep.RID = req.RID
-		fmt.Fprintf(out, "device: %s %s -> %d\n", req.Method, req.Path, rep.Status)
-		b, err := json.Marshal(rep)
-		if err != nil {
-			return err // cannot happen: every reply is plain data
-		}
-		wctx, cancel := context.WithTimeout(ctx, timeout)
-		err = ws.Write(wctx, websocket.MessageText, b)
-		cancel()
-		if err != nil {
-			return err
-		}
-	}
-}
-
-// request is a relay request frame (docs/protocol.md §7.1).
-type request struct {
-	RID          string            `json:"rid"`
-	Method       string            `json:"method"`
-	Path         string            `json:"path"`
-	Query        map[string]any    `json:"query"`   // a string, or []any of strings when repeated
-	Headers      map[string]string `json:"headers"` // canonical names, values joined by ", "
-	Body         string            `json:"body"`
-	BodyEncoding string            `json:"body_encoding"` // "base64" when the body is not UTF-8
-}
-
-// param returns the first value of a query parameter or, for a form POST, of
-// a form field.
-func (r *request) param(name string) string {
-	switch v := r.Query[name].(type) {
-	case string:
-		return v
-	case []any:
-		if s, ok := v[0].(string); ok {
-			return s
-		}
-	}
-	if r.BodyEncoding == "" && strings.HasPrefix(r.Headers["Content-Type"], "application/x-www-form-urlencoded") {
-		form, _ := url.ParseQuery(r.Body)
-		return form.Get(name)
-	}
-	return ""
-}
-
-// reply is the answer frame: the router maps it to an HTTP response.
-type reply struct {
-	RID      string            `json:"rid"`
-	Status   int               `json:"status"`
-	Type     string            `json:"type,omitempty"`     // html, text, json, image, … or a media type
-	Content  any               `json:"content"`            // a string, or any JSON value sent as JSON
-	Encoding string            `json:"encoding,omitempty"` // "base64": content is decoded first
-	Headers  map[string]string `json:"headers,omitempty"`
-}
-
-// text is a plain-text reply of one line.
-func text(status int, s string) *reply {
-	return &reply{Status: status, Type: "text", Content: s + "\n"}
-}
-
-// device is the simulated hardware. Frames are handled one at a time by the
-// connection's reader, so it needs no lock.
+// device is the simulated hardware. ServeRelay answers several requests at
+// once, so its state has a lock.
 type device struct {
 	start time.Time
-	led   bool
+	mu    sync.Mutex
+	led   bool // guarded by mu
 }
 
-func (d *device) handle(r *request) *reply {
-	get := r.Method == http.MethodGet
-	switch {
-	case r.Path == "/" && get:
-		return &reply{Status: 200, Type: "html", Content: d.page()}
-	case r.Path == "/reading" && get:
-		return &reply{Status: 200, Type: "json", Content: d.reading(),
-			Headers: map[string]string{"Cache-Control": "no-store"}}
-	case r.Path == "/led" && (get || r.Method == http.MethodPost):
-		switch s := r.param("state"); s {
+// routes are the device's pages, as any net/http server would have them.
+func (d *device) routes(out io.Writer) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		io.WriteString(w, d.page())
+	})
+	mux.HandleFunc("GET /reading", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Cache-Control", "no-store")
+		writeJSON(w, d.reading())
+	})
+	led := func(w http.ResponseWriter, r *http.Request) {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		switch s := r.FormValue("state"); s { // the query, or a form POST's body
 		case "on", "off":
 			d.led = s == "on"
 		case "toggle":
@@ -330,22 +257,45 @@ func (d *device) handle(r *request) *reply {
 		case "":
 			// Just report the state.
 		default:
-			return text(400, "state: want on, off or toggle")
+			http.Error(w, "state: want on, off or toggle", http.StatusBadRequest)
+			return
 		}
-		return &reply{Status: 200, Type: "json", Content: map[string]string{"led": onOff(d.led)}}
-	case r.Path == "/image.png" && get:
-		return &reply{Status: 200, Type: "image", Encoding: "base64",
-			Content: base64.StdEncoding.EncodeToString(ledPNG(d.led)),
-			Headers: map[string]string{"Cache-Control": "no-store"}}
-	case r.Path == "/" || r.Path == "/reading" || r.Path == "/led" || r.Path == "/image.png":
-		rep := text(405, "method not allowed")
-		rep.Headers = map[string]string{"Allow": "GET"}
-		if r.Path == "/led" {
-			rep.Headers["Allow"] = "GET, POST"
-		}
-		return rep
+		writeJSON(w, map[string]string{"led": onOff(d.led)})
 	}
-	return text(404, "no such page on this device")
+	mux.HandleFunc("GET /led", led)
+	mux.HandleFunc("POST /led", led)
+	mux.HandleFunc("GET /image.png", func(w http.ResponseWriter, r *http.Request) {
+		d.mu.Lock()
+		on := d.led
+		d.mu.Unlock()
+		w.Header().Set("Content-Type", "image/png")
+		w.Header().Set("Cache-Control", "no-store")
+		w.Write(ledPNG(on))
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "no such page on this device", http.StatusNotFound)
+	})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
+		mux.ServeHTTP(rw, r)
+		fmt.Fprintf(out, "device: %s %s -> %d\n", r.Method, r.URL.Path, rw.status)
+	})
+}
+
+// statusWriter remembers the status, for the log line.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
 }
 
 // reading is a made-up sensor reading that drifts slowly over time.
@@ -357,7 +307,7 @@ func (d *device) reading() map[string]any {
 		"temperature_c": round(21 + 1.5*math.Sin(phase) + 0.2*mrand.Float64()),
 		"humidity_pct":  round(45 + 5*math.Cos(phase) + 0.5*mrand.Float64()),
 		"uptime_s":      int(up.Seconds()),
-		"led":           onOff(d.led),
+		"led":           onOff(d.ledOn()),
 	}
 }
 
@@ -381,7 +331,7 @@ if (key) for (const el of document.querySelectorAll("[href], [src]")) {
   el.setAttribute(attr, u.href);
 }
 </script>
-`, onOff(d.led), r["temperature_c"], r["humidity_pct"], r["uptime_s"])
+`, onOff(d.ledOn()), r["temperature_c"], r["humidity_pct"], r["uptime_s"])
 }
 
 // ledPNG draws the LED as a 32×32 dot: amber when on, grey when off.
@@ -403,84 +353,15 @@ func ledPNG(on bool) []byte {
 	return buf.Bytes()
 }
 
+func (d *device) ledOn() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.led
+}
+
 func onOff(b bool) string {
 	if b {
 		return "on"
 	}
 	return "off"
-}
-
-// statusError is a refusal by the router: an HTTP status and its one-line
-// reason.
-type statusError struct {
-	op   string
-	code int
-	msg  string
-}
-
-func (e *statusError) Error() string { return fmt.Sprintf("%s: %d %s", e.op, e.code, e.msg) }
-
-func refusal(op string, resp *http.Response) error {
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	return &statusError{op: op, code: resp.StatusCode, msg: strings.TrimSpace(string(b))}
-}
-
-// dial joins registration c.id as its host, with the key in the X-Key header.
-func dial(ctx context.Context, c *config) (*websocket.Conn, error) {
-	u := c.router.JoinPath("connect")
-	u.RawQuery = url.Values{"id": {c.id}, "sock_type": {"host"}}.Encode()
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	ws, resp, err := websocket.Dial(ctx, u.String(), &websocket.DialOptions{
-		HTTPHeader: http.Header{"X-Key": {c.key}},
-	})
-	if err != nil {
-		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
-			return nil, refusal("connect", resp)
-		}
-		var oe *net.OpError // "connection refused" reads better bare
-		if errors.As(err, &oe) {
-			err = oe
-		}
-		return nil, fmt.Errorf("connect: %w", err)
-	}
-	// A request frame carries a body of up to the router's -relay-max-body
-	// (1 MiB), more once JSON-escaped or base64-encoded; the library's
-	// default read limit of 32 KiB would cut a large POST off.
-	ws.SetReadLimit(4 << 20)
-	return ws, nil
-}
-
-// register creates a hostclient registration with c's keys, asking for c.id
-// if set, and returns its id.
-func register(ctx context.Context, c *config) (string, error) {
-	form := url.Values{"reg_type": {"hostclient"}}
-	if c.id != "" {
-		form.Set("id_req", c.id)
-	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.router.JoinPath("register").String(), strings.NewReader(form.Encode()))
-	if err != nil {
-		return "", err
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	req.Header.Set("X-Key", c.key)
-	req.Header.Set("X-Host-Key", c.hostKey)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return "", fmt.Errorf("register: %w", err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return "", refusal("register", resp)
-	}
-	var body struct {
-		ID string `json:"id"`
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&body); err != nil || body.ID == "" {
-		return "", fmt.Errorf("register: unreadable answer (%v)", err)
-	}
-	return body.ID, nil
 }
