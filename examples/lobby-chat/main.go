@@ -95,7 +95,9 @@ func servePage(router *url.URL) http.Handler {
 		h.Set("Content-Type", "text/html; charset=utf-8")
 		h.Set("Cache-Control", "no-store")
 		h.Set("Content-Security-Policy", "default-src 'none'; "+
-			"script-src 'nonce-"+nonce+"'; style-src 'nonce-"+nonce+"'; "+
+			// The router's origin too: the page imports the client
+			// library from it (/client.js).
+			"script-src 'nonce-"+nonce+"' "+router.Scheme+"://"+router.Host+"; style-src 'nonce-"+nonce+"'; "+
 			"connect-src "+connect+"; img-src data:; "+
 			"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 		h.Set("Referrer-Policy", "no-referrer")
