@@ -92,6 +92,11 @@ type Registration struct {
 	Key, HostKey string
 	// ID asks for a chosen id; empty lets the router mint one.
 	ID string
+	// Webhook, if set, is where the registration's backend hears of its
+	// members (docs/protocol.md §11), signed with WebhookSecret (32 to 256
+	// bytes), for the events listed in WebhookEvents ("connect,message,close";
+	// empty: the router's default).
+	Webhook, WebhookSecret, WebhookEvents string
 }
 
 // Register creates a registration on the router at baseURL (http or https,
@@ -102,6 +107,13 @@ func Register(ctx context.Context, baseURL string, r Registration) (string, erro
 	form := url.Values{"reg_type": {r.Type}}
 	if r.ID != "" {
 		form.Set("id_req", r.ID)
+	}
+	if r.Webhook != "" {
+		form.Set("webhook", r.Webhook)
+		form.Set("webhook_secret", r.WebhookSecret)
+		if r.WebhookEvents != "" {
+			form.Set("webhook_events", r.WebhookEvents)
+		}
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(baseURL, "/")+"/register", strings.NewReader(form.Encode()))
 	if err != nil {

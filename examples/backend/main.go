@@ -18,10 +18,7 @@ package main
 
 import (
 	"context"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
-	"encoding/base64"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -29,11 +26,11 @@ import (
 	"log"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"os/signal"
 	"strings"
 	"time"
+	"wsrouter/client"
 )
 
 func main() {
@@ -42,42 +39,35 @@ func main() {
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	if err := run(ctx, *router, *addr); err != nil {
+	if err := run(ctx, *router, *addr, os.Stdout); err != nil {
 		log.Fatal(err)
 	}
 }
 
 // backend holds what it needs to call the router back.
 type backend struct {
-	router, id, hostKey string
-	secret              []byte
+	api    *client.Backend // /send and DELETE /member, with the host key
+	secret []byte          // the webhook secret
 }
 
-func run(ctx context.Context, router, addr string) error {
+func run(ctx context.Context, router, addr string, out io.Writer) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return err
 	}
-	b := &backend{router: router, hostKey: rand.Text(), secret: []byte(rand.Text())}
 	key := os.Getenv("WSR_KEY")
 	if key == "" {
 		return fmt.Errorf("set WSR_KEY to the key members will join with")
 	}
-	q := url.Values{"reg_type": {"lobby"}, "key": {key}, "host_key": {b.hostKey},
-		"webhook": {"http://" + ln.Addr().String() + "/hook"}, "webhook_secret": {string(b.secret)},
-		"webhook_events": {"connect,message,close"}}
-	resp, err := http.PostForm(router+"/register", q)
+	hostKey, secret := rand.Text(), rand.Text()
+	id, err := client.Register(ctx, router, client.Registration{Type: "lobby", Key: key, HostKey: hostKey,
+		Webhook: "http://" + ln.Addr().String() + "/hook", WebhookSecret: secret, WebhookEvents: "connect,message,close"})
 	if err != nil {
-		return err
+		return fmt.Errorf("register: %w (is the router running with WSROUTER_WEBHOOK_ALLOW=127.0.0.1?)", err)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("register: %s: %s (is the router running with WSROUTER_WEBHOOK_ALLOW=127.0.0.1?)", resp.Status, strings.TrimSpace(string(body)))
-	}
-	b.id = string(body)
+	b := &backend{api: &client.Backend{URL: router, ID: id, HostKey: hostKey}, secret: []byte(secret)}
 	ws := strings.Replace(router, "http", "ws", 1)
-	fmt.Printf("registration %s; join it with, for example:\n  websocat \"%s/connect?id=%s&key=$WSR_KEY&name=alice\"\n", b.id, ws, b.id)
+	fmt.Fprintf(out, "registration %s; join it with, for example:\n  websocat \"%s/connect?id=%s&key=$WSR_KEY&name=alice\"\n", id, ws, id)
 
 	srv := &http.Server{Handler: http.HandlerFunc(b.hook), ReadHeaderTimeout: 5 * time.Second}
 	go func() { <-ctx.Done(); srv.Close() }()
@@ -98,7 +88,7 @@ type event struct {
 // hook answers one webhook call.
 func (b *backend) hook(w http.ResponseWriter, r *http.Request) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, 2<<20))
-	if err != nil || !b.verify(r, body) {
+	if err != nil || client.VerifyWebhook(b.secret, r.Header, body) != nil {
 		http.Error(w, "bad signature", http.StatusUnauthorized)
 		return
 	}
@@ -130,55 +120,18 @@ func (b *backend) hook(w http.ResponseWriter, r *http.Request) {
 }
 
 func (b *backend) answer(conn, text string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	var err error
 	switch text {
 	case "ping":
-		err = b.call("POST", "/send", url.Values{"conn": {conn}}, "pong")
+		_, err = b.api.Send(ctx, client.Target{Conn: conn}, "text/plain", []byte("pong"))
 	case "time":
-		err = b.call("POST", "/send", nil, time.Now().Format(time.RFC3339))
+		_, err = b.api.Send(ctx, client.Target{}, "text/plain", []byte(time.Now().Format(time.RFC3339)))
 	case "bye":
-		err = b.call("DELETE", "/member", url.Values{"conn": {conn}, "code": {"4100"}, "reason": {"bye"}}, "")
+		err = b.api.CloseMember(ctx, conn, "", 4100, "bye")
 	}
 	if err != nil {
 		log.Print(err)
 	}
-}
-
-// call makes one backend API call with the host key.
-func (b *backend) call(method, path string, q url.Values, text string) error {
-	if q == nil {
-		q = url.Values{}
-	}
-	q.Set("id", b.id)
-	req, err := http.NewRequest(method, b.router+path+"?"+q.Encode(), strings.NewReader(text))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("X-Host-Key", b.hostKey)
-	req.Header.Set("Content-Type", "text/plain")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		msg, _ := io.ReadAll(resp.Body)
-		return fmt.Errorf("%s %s: %s %s", method, path, resp.Status, strings.TrimSpace(string(msg)))
-	}
-	return nil
-}
-
-// verify checks the Standard Webhooks signature and that the event is
-// recent (a recorded one cannot be replayed later).
-func (b *backend) verify(r *http.Request, body []byte) bool {
-	id, ts := r.Header.Get("webhook-id"), r.Header.Get("webhook-timestamp")
-	var sec int64
-	if _, err := fmt.Sscan(ts, &sec); err != nil || time.Since(time.Unix(sec, 0)).Abs() > 5*time.Minute {
-		return false
-	}
-	m := hmac.New(sha256.New, b.secret)
-	fmt.Fprintf(m, "%s.%s.", id, ts)
-	m.Write(body)
-	want := "v1," + base64.StdEncoding.EncodeToString(m.Sum(nil))
-	return hmac.Equal([]byte(r.Header.Get("webhook-signature")), []byte(want))
 }
