@@ -139,3 +139,26 @@ func Register(ctx context.Context, baseURL string, r Registration) (string, erro
 	}
 	return out.ID, nil
 }
+
+// Remove deletes registration id (with its key and host key); every member
+// is closed with 4000. A refusal is a *StatusError (ErrForbidden for a wrong
+// key, ErrNotFound).
+func Remove(ctx context.Context, baseURL, id, key, hostKey string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, strings.TrimSuffix(baseURL, "/")+"/remove",
+		strings.NewReader(url.Values{"id": {id}}.Encode()))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("X-Key", key)
+	req.Header.Set("X-Host-Key", hostKey)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return statusError(resp)
+	}
+	return nil
+}

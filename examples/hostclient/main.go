@@ -18,26 +18,19 @@ import (
 	"bufio"
 	"context"
 	"crypto/rand"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net/http"
 	"net/url"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
+	"wsrouter/client"
 
 	"github.com/coder/websocket"
-)
-
-// Close codes wsrouter sends (docs/protocol.md §4.7) beyond the standard ones.
-const (
-	codeRemoved      websocket.StatusCode = 4000
-	codeSlowConsumer websocket.StatusCode = 4008
 )
 
 func main() {
@@ -195,9 +188,9 @@ func demo(ctx context.Context, c *config, out io.Writer) (err error) {
 	hostDone := make(chan error, 1)
 	go func() { hostDone <- serveHost(ctx, host, out) }()
 
-	client, err := dial(ctx, c, "client", out)
+	cl, err := dial(ctx, c, "client", out)
 	if err != nil {
-		host.CloseNow()
+		host.Close()
 		<-hostDone
 		return err
 	}
@@ -205,8 +198,8 @@ func demo(ctx context.Context, c *config, out io.Writer) (err error) {
 	if len(msgs) == 0 {
 		msgs = []string{"hello", "how are you?", "wsrouter says hi"}
 	}
-	if err := runClient(ctx, client, sliceLines(msgs), c.timeout, true, out); err != nil {
-		host.CloseNow()
+	if err := runClient(ctx, cl, sliceLines(msgs), c.timeout, true, out); err != nil {
+		host.Close()
 		<-hostDone
 		return err
 	}
@@ -216,7 +209,7 @@ func demo(ctx context.Context, c *config, out io.Writer) (err error) {
 	rctx, cancel := context.WithTimeout(context.Background(), c.timeout)
 	defer cancel()
 	if err := remove(rctx, c); err != nil {
-		host.CloseNow()
+		host.Close()
 		<-hostDone
 		return err
 	}
@@ -228,24 +221,20 @@ func demo(ctx context.Context, c *config, out io.Writer) (err error) {
 
 // serveHost answers every message with its upper-cased text (binary comes
 // back unchanged) until the registration is removed, the router closes the
-// connection, or ctx is done.
-func serveHost(ctx context.Context, ws *websocket.Conn, out io.Writer) error {
-	defer ws.CloseNow()
-	stop := closeOnDone(ctx, ws)
-	defer stop()
+// connection for good, or ctx is done. conn reconnects by itself meanwhile.
+func serveHost(ctx context.Context, conn *client.Conn, out io.Writer) error {
+	defer conn.Close()
 	for {
-		// Reads use Background: ctx ending closes the socket with 1000
-		// through closeOnDone instead of cutting it off mid-read.
-		typ, data, err := ws.Read(context.Background())
+		m, err := conn.Read(ctx)
 		if err != nil {
 			return ended(ctx, "host", err, out)
 		}
-		reply := data
-		if typ == websocket.MessageText {
-			reply = []byte(strings.ToUpper(string(data)))
+		reply := m.Data
+		if m.Type == websocket.MessageText {
+			reply = []byte(strings.ToUpper(string(m.Data)))
 		}
-		fmt.Fprintf(out, "host:   got %q, replying %q\n", data, reply)
-		if err := ws.Write(ctx, typ, reply); err != nil {
+		fmt.Fprintf(out, "host:   got %q, replying %q\n", m.Data, reply)
+		if err := conn.Write(ctx, m.Type, reply); err != nil {
 			return ended(ctx, "host", err, out)
 		}
 	}
@@ -255,21 +244,18 @@ func serveHost(ctx context.Context, ws *websocket.Conn, out io.Writer) error {
 // next one, printing every reply as it arrives. With several hosts each
 // message gets several replies; they are all printed. A missing reply is an
 // error when strict, and only reported otherwise (no host may be there yet).
-func runClient(ctx context.Context, ws *websocket.Conn, lines <-chan string, timeout time.Duration, strict bool, out io.Writer) error {
-	defer ws.CloseNow()
-	stop := closeOnDone(ctx, ws)
-	defer stop()
-
+func runClient(ctx context.Context, conn *client.Conn, lines <-chan string, timeout time.Duration, strict bool, out io.Writer) error {
+	defer conn.Close()
 	replies := make(chan struct{}, 64)
 	readErr := make(chan error, 1)
 	go func() {
 		for {
-			_, data, err := ws.Read(context.Background())
+			m, err := conn.Read(ctx)
 			if err != nil {
 				readErr <- err
 				return
 			}
-			fmt.Fprintf(out, "client: got  %q\n", data)
+			fmt.Fprintf(out, "client: got  %q\n", m.Data)
 			select {
 			case replies <- struct{}{}:
 			default: // extra replies nobody waits for
@@ -283,20 +269,23 @@ func runClient(ctx context.Context, ws *websocket.Conn, lines <-chan string, tim
 		select {
 		case line, ok = <-lines:
 		case err := <-readErr:
-			// Closed while idle, e.g. the registration was removed.
+			// Closed for good while idle, e.g. the registration was removed.
 			return ended(ctx, "client", err, out)
 		case <-ctx.Done():
 			return nil
 		}
 		if !ok {
-			break
+			return nil
 		}
 		// Drop replies to earlier messages that came late or twice.
 		for len(replies) > 0 {
 			<-replies
 		}
 		fmt.Fprintf(out, "client: sent %q\n", line)
-		if err := ws.Write(ctx, websocket.MessageText, []byte(line)); err != nil {
+		wctx, cancel := context.WithTimeout(ctx, timeout)
+		err := conn.Write(wctx, websocket.MessageText, []byte(line))
+		cancel()
+		if err != nil {
 			return ended(ctx, "client", err, out)
 		}
 		t := time.NewTimer(timeout)
@@ -316,139 +305,62 @@ func runClient(ctx context.Context, ws *websocket.Conn, lines <-chan string, tim
 			return nil
 		}
 	}
-	if err := ws.Close(websocket.StatusNormalClosure, "done"); err != nil && ctx.Err() == nil {
-		return fmt.Errorf("client: close: %w", err)
-	}
-	return nil
-}
-
-// closeOnDone closes ws with 1000 when ctx is done; the returned func stops
-// the watch.
-func closeOnDone(ctx context.Context, ws *websocket.Conn) (stop func() bool) {
-	return context.AfterFunc(ctx, func() { ws.Close(websocket.StatusNormalClosure, "bye") })
 }
 
 // ended turns the error that ended a connection into the program's result:
-// ctx done and the registration being removed are normal ends; every other
-// close code is explained.
+// ctx done, Close, and the registration being removed are normal ends;
+// everything else is explained.
 func ended(ctx context.Context, who string, err error, out io.Writer) error {
-	if ctx.Err() != nil {
+	switch {
+	case ctx.Err() != nil, errors.Is(err, client.ErrClosed):
 		return nil
-	}
-	code := websocket.CloseStatus(err)
-	var ce websocket.CloseError
-	errors.As(err, &ce)
-	switch code {
-	case codeRemoved:
+	case errors.Is(err, client.ErrRemoved):
 		fmt.Fprintf(out, "%-7s closed: 4000 registration removed\n", who+":")
 		return nil
-	case websocket.StatusNormalClosure:
-		return nil
-	case codeSlowConsumer:
-		return fmt.Errorf("%s: closed: 4008 slow consumer (the router dropped us for reading too slowly)", who)
-	case websocket.StatusGoingAway:
-		return fmt.Errorf("%s: closed: 1001 server shutting down", who)
-	case -1:
-		return fmt.Errorf("%s: connection lost: %w", who, err)
 	}
-	return fmt.Errorf("%s: closed: %d %s", who, int(code), ce.Reason)
+	return fmt.Errorf("%s: %w", who, err)
 }
 
 // dial joins registration c.id as role, with the key in the X-Key header.
-func dial(ctx context.Context, c *config, role string, out io.Writer) (*websocket.Conn, error) {
-	u := c.router.JoinPath("connect")
-	u.RawQuery = url.Values{"id": {c.id}, "sock_type": {role}}.Encode()
+// The connection stays up across drops (the client library reconnects),
+// and each new session is reported.
+func dial(ctx context.Context, c *config, role string, out io.Writer) (*client.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	ws, resp, err := websocket.Dial(dctx, u.String(), &websocket.DialOptions{
-		HTTPHeader: http.Header{"X-Key": {c.key}},
-	})
+	conn, err := client.Dial(dctx, client.Options{URL: c.router.String(), ID: c.id, Key: c.key, Role: role,
+		OnState: func(s client.State) {
+			switch s.Kind {
+			case client.Connected:
+				fmt.Fprintf(out, "%-7s connected, connection id %s\n", role+":", s.ConnID)
+			case client.Reconnecting:
+				fmt.Fprintf(out, "%-7s %v; reconnecting in %v\n", role+":", s.Err, s.Delay.Round(time.Millisecond))
+			}
+		}})
 	if err != nil {
-		if resp != nil && resp.StatusCode != http.StatusSwitchingProtocols {
-			return nil, fmt.Errorf("%s: connect: %s", role, describe(resp))
-		}
 		return nil, fmt.Errorf("%s: connect: %w", role, err)
 	}
-	fmt.Fprintf(out, "%-7s connected, connection id %s\n", role+":", resp.Header.Get("X-Connection-Id"))
-	return ws, nil
+	return conn, nil
 }
 
 // register creates a hostclient registration with c's keys and returns its id.
 func register(ctx context.Context, c *config) (string, error) {
-	resp, err := post(ctx, c, "register", url.Values{"reg_type": {"hostclient"}})
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	id, err := client.Register(ctx, c.router.String(), client.Registration{Type: "hostclient", Key: c.key, HostKey: c.hostKey})
 	if err != nil {
 		return "", fmt.Errorf("register: %w", err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return "", fmt.Errorf("register: %s", describe(resp))
-	}
-	var body struct {
-		ID string `json:"id"`
-	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&body); err != nil || body.ID == "" {
-		return "", fmt.Errorf("register: unreadable answer (%v)", err)
-	}
-	return body.ID, nil
+	return id, nil
 }
 
 // remove deletes registration c.id; every member is closed with 4000.
 func remove(ctx context.Context, c *config) error {
-	resp, err := post(ctx, c, "remove", url.Values{"id": {c.id}})
-	if err != nil {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	if err := client.Remove(ctx, c.router.String(), c.id, c.key, c.hostKey); err != nil {
 		return fmt.Errorf("remove: %w", err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("remove: %s", describe(resp))
-	}
 	return nil
-}
-
-// post sends form to the router's endpoint with c's keys as headers, so they
-// appear in no URL and no access log.
-func post(ctx context.Context, c *config, endpoint string, form url.Values) (*http.Response, error) {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.router.JoinPath(endpoint).String(), strings.NewReader(form.Encode()))
-	if err != nil {
-		cancel()
-		return nil, err
-	}
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
-	req.Header.Set("X-Key", c.key)
-	if c.hostKey != "" {
-		req.Header.Set("X-Host-Key", c.hostKey)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		cancel()
-		return nil, err
-	}
-	resp.Body = &cancelBody{resp.Body, cancel}
-	return resp, nil
-}
-
-// cancelBody releases a request's context when its body is closed.
-type cancelBody struct {
-	io.ReadCloser
-	cancel context.CancelFunc
-}
-
-func (b *cancelBody) Close() error {
-	err := b.ReadCloser.Close()
-	b.cancel()
-	return err
-}
-
-// describe is a refusal's status and the router's one-line reason.
-func describe(resp *http.Response) string {
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-	msg := strings.TrimSpace(string(b))
-	if msg == "" {
-		return resp.Status
-	}
-	return resp.Status + ": " + msg
 }
 
 // sliceLines returns msgs as a closed channel.
