@@ -59,12 +59,7 @@ type infoMsg struct {
 
 func readInfo(t *testing.T, c *websocket.Conn) infoMsg {
 	t.Helper()
-	_, s := read(t, c)
-	var m infoMsg
-	if err := json.Unmarshal([]byte(s), &m); err != nil {
-		t.Fatalf("not JSON: %s", s)
-	}
-	return m
+	return readJSON[infoMsg](t, c)
 }
 
 // TestInfoRegistration: a snapshot first, then join, subscribe,

@@ -34,12 +34,18 @@ type published struct {
 
 func readEvent(t *testing.T, c *websocket.Conn) published {
 	t.Helper()
+	return readJSON[published](t, c)
+}
+
+// readJSON reads one message and decodes it as a T.
+func readJSON[T any](t *testing.T, c *websocket.Conn) T {
+	t.Helper()
 	_, s := read(t, c)
-	var p published
-	if err := json.Unmarshal([]byte(s), &p); err != nil {
+	var v T
+	if err := json.Unmarshal([]byte(s), &v); err != nil {
 		t.Fatalf("not JSON: %q", s)
 	}
-	return p
+	return v
 }
 
 func TestPubSubEndToEnd(t *testing.T) {

@@ -15,7 +15,6 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -27,24 +26,6 @@ import (
 	"wsrouter/router/relay"
 	"wsrouter/router/token"
 )
-
-// testClock is an injected clock for token times.
-type testClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *testClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *testClock) Add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // issuer is an operator's token issuer with one key of each accepted kind:
 // Ed25519 and P-256 given to the router as PEM (kid: their thumbprints),
@@ -195,7 +176,7 @@ func tokenChecks(ts *testServer, result string) float64 {
 }
 
 func TestTokenMint(t *testing.T) {
-	clock := &testClock{t: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
+	clock := &fakeClock{now: time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)}
 	ts := newTestServer(t, Config{AdminToken: "admin-secret", Tokens: TokenConfig{MaxTTL: 48 * time.Hour, Now: clock.Now}, Registry: regCfgKeep()})
 	hc := ts.register(t, "hostclient")
 	lobby := ts.register(t, "lobby")
@@ -294,7 +275,7 @@ func TestTokenMint(t *testing.T) {
 
 // TestTokenConnect is every claim and refusal of a token on /connect.
 func TestTokenConnect(t *testing.T) {
-	clock := &testClock{t: time.Now().Truncate(time.Second)}
+	clock := &fakeClock{now: time.Now().Truncate(time.Second)}
 	is := newIssuer(t)
 	ts := newTestServer(t, Config{Tokens: TokenConfig{Issuers: is.keys(t), Now: clock.Now}, Registry: regCfgKeep()})
 	hc := ts.register(t, "hostclient")
@@ -414,7 +395,7 @@ func TestTokenConnect(t *testing.T) {
 	}
 
 	// The router's own tokens expire by its clock.
-	clock.Add(24*time.Hour + 61*time.Second)
+	clock.Advance(24*time.Hour + 61*time.Second)
 	if _, code := ts.dialToken(t, lobby, lobbyTok, nil, nil); code != 403 {
 		t.Fatalf("expired router token: %d", code)
 	}
