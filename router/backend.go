@@ -140,6 +140,23 @@ func (t *backendTarget) closeParams() (code int, reason string, err error) {
 	return code, reason, nil
 }
 
+// readMessageBody reads a request body that becomes a message (/send,
+// /publish): over -max-message it is a 413.
+func (rt *Router) readMessageBody(w http.ResponseWriter, r *http.Request) ([]byte, error) {
+	if r.ContentLength > rt.cfg.MaxMessage {
+		return nil, errTooLarge
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, rt.cfg.MaxMessage))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, errTooLarge
+		}
+		return nil, paramError("request body unreadable")
+	}
+	return body, nil
+}
+
 // roleOf parses a role that registrations of type t have.
 func roleOf(t registry.Type, param, s string) (registry.Role, error) {
 	switch {
@@ -189,16 +206,9 @@ func (rt *Router) send(w http.ResponseWriter, r *http.Request) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if r.ContentLength > rt.cfg.MaxMessage {
-		return 0, errTooLarge
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, rt.cfg.MaxMessage))
+	body, err := rt.readMessageBody(w, r)
 	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return 0, errTooLarge
-		}
-		return 0, paramError("request body unreadable")
+		return 0, err
 	}
 	msg := registry.Message{Binary: !isText(r.Header.Get("Content-Type")), Data: body}
 	if !msg.Binary && !utf8.Valid(body) {

@@ -159,16 +159,9 @@ func (rt *Router) publish(w http.ResponseWriter, r *http.Request) (int, error) {
 	if reg.Type != registry.PubSub {
 		return 0, paramError("registration %s is not pubsub", reg.ID)
 	}
-	if r.ContentLength > rt.cfg.MaxMessage {
-		return 0, errTooLarge
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, rt.cfg.MaxMessage))
+	body, err := rt.readMessageBody(w, r)
 	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return 0, errTooLarge
-		}
-		return 0, paramError("request body unreadable")
+		return 0, err
 	}
 	// Subscribers are often browsers, which fail their whole connection
 	// on a text message that is not UTF-8: such a body never goes out.
