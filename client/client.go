@@ -93,7 +93,7 @@ type Registration struct {
 	// ID asks for a chosen id; empty lets the router mint one.
 	ID string
 	// Webhook, if set, is where the registration's backend hears of its
-	// members (docs/protocol.md §11), signed with WebhookSecret (32 to 256
+	// members (docs/protocol.md §11), signed with WebhookSecret (16 to 128
 	// bytes), for the events listed in WebhookEvents ("connect,message,close";
 	// empty: the router's default).
 	Webhook, WebhookSecret, WebhookEvents string

@@ -351,6 +351,13 @@ func TestServeRelay(t *testing.T) {
 		w.Header().Set("Content-Type", "image/png")
 		w.Write(png)
 	})
+	mux.HandleFunc("GET /big", func(w http.ResponseWriter, r *http.Request) {
+		w.Write(bytes.Repeat([]byte{0xff}, 900<<10)) // base64: over 1 MiB
+	})
+	mux.HandleFunc("GET /early-hints", func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Write([]byte("after the hints"))
+	})
 	mux.HandleFunc("GET /slow", func(w http.ResponseWriter, r *http.Request) {
 		n := inFlight.Add(1)
 		for {
@@ -394,6 +401,14 @@ func TestServeRelay(t *testing.T) {
 	}
 	if resp, _ := call("GET", "/missing", "", nil); resp.StatusCode != 404 {
 		t.Fatalf("missing: %d", resp.StatusCode)
+	}
+	// Too large for the router: answered 502 by the library, and the
+	// session survives (a 1009 would have ended it).
+	if resp, _ := call("GET", "/big", "", nil); resp.StatusCode != 502 {
+		t.Fatalf("big: %d, want 502", resp.StatusCode)
+	}
+	if resp, b := call("GET", "/early-hints", "", nil); resp.StatusCode != 200 || string(b) != "after the hints" {
+		t.Fatalf("early hints: %d %q", resp.StatusCode, b)
 	}
 
 	// Six at once with room for three.

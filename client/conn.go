@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -60,8 +61,8 @@ const (
 	// Reconnecting: the session ended or an attempt failed (State.Err);
 	// attempt State.Attempt follows after State.Delay.
 	Reconnecting
-	// Closed: for good (State.Err: a permanent refusal, a close code that
-	// means stop, or ErrClosed).
+	// Closed: for good (State.Err: a permanent refusal — 400, 403, 404,
+	// 409 — a close code that means stop, or ErrClosed).
 	Closed
 )
 
@@ -93,13 +94,18 @@ type Message struct {
 }
 
 // Conn is a member that stays connected: when its session ends it dials
-// again with backoff, until a refusal or a close code says to stop (403,
-// 404, 4000, 4001, the backend's 4000–4999, 1008) or Close is called.
+// again with backoff, until a refusal or a close code says to stop (400,
+// 403, 404, 409, 4000, 4001, the backend's 4002–4999 but 4008, 1008) or
+// Close is called.
 //
 // Read returns the messages of every session in order. Write waits while a
-// session is being re-established (bounded by its context); a message
-// written as a session breaks may be lost, and Write then says so. Nothing
-// is replayed: between sessions, what the router sent is not delivered.
+// session is being re-established (bounded by its context). Delivery is at
+// most once: a message written just before a session breaks may be lost
+// without an error (it was handed to the network), one whose write fails is
+// reported with ErrConnectionLost, and a Write whose context ends mid-write
+// ends the session (coder/websocket cannot resume a half-written frame).
+// Nothing is replayed: between sessions, what the router sent is not
+// delivered.
 type Conn struct {
 	opts  Options
 	in    chan Message
@@ -113,7 +119,7 @@ type Conn struct {
 	err    error           // guarded by mu; why it closed
 	filter func(Message) bool
 
-	wmu sync.Mutex // serialises writes
+	inState atomic.Bool // OnState is running (on the run goroutine)
 }
 
 // Dial joins the registration and returns once the first session is up,
@@ -217,9 +223,8 @@ func (c *Conn) Write(ctx context.Context, typ websocket.MessageType, data []byte
 				return ctx.Err()
 			}
 		}
-		c.wmu.Lock()
+		// coder/websocket serialises writes itself, honouring ctx.
 		err = ws.Write(ctx, typ, data)
-		c.wmu.Unlock()
 		if err != nil && ctx.Err() == nil {
 			return fmt.Errorf("%w: %v", ErrConnectionLost, err)
 		}
@@ -227,16 +232,23 @@ func (c *Conn) Write(ctx context.Context, typ websocket.MessageType, data []byte
 	}
 }
 
-// Close ends the Conn for good, closing its session normally.
+// Close ends the Conn for good, closing its session with 1000 (the close
+// handshake first, then the reader stops). It waits for the Conn's
+// goroutine to end, except when called from OnState, which runs on it.
 func (c *Conn) Close() error {
-	c.finish(ErrClosed)
 	c.mu.Lock()
+	if c.err == nil {
+		c.err = ErrClosed
+	}
 	ws := c.ws
 	c.mu.Unlock()
 	if ws != nil {
 		ws.Close(websocket.StatusNormalClosure, "")
 	}
-	<-c.done
+	c.stop()
+	if !c.inState.Load() {
+		<-c.done
+	}
 	return nil
 }
 
@@ -252,6 +264,8 @@ func (c *Conn) finish(err error) {
 
 func (c *Conn) state(s State) {
 	if c.opts.OnState != nil {
+		c.inState.Store(true)
+		defer c.inState.Store(false)
 		c.opts.OnState(s)
 	}
 }
@@ -280,12 +294,13 @@ func (c *Conn) run(ctx, dialCtx context.Context, first chan<- error) {
 			c.ws, c.connID, c.ready = nil, "", make(chan struct{})
 			c.mu.Unlock()
 		} else {
+			retryAfter = 0
 			var se *StatusError
 			if errors.As(err, &se) {
 				retryAfter = se.RetryAfter
 			}
 		}
-		if perm := permanent(err); perm != nil || ctx.Err() != nil {
+		if perm := permanent(err); perm != nil || ctx.Err() != nil || c.Err() != nil {
 			if perm == nil {
 				perm = c.Err()
 			}

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"time"
 	"unicode/utf8"
 
 	"github.com/coder/websocket"
@@ -36,11 +37,19 @@ type relayReply struct {
 
 // RelayOptions tune ServeRelay.
 type RelayOptions struct {
-	// Concurrency bounds the requests handled at once; 0 means 16. A
-	// request beyond it waits for a slot (the router times it out with
-	// 504 if it waits too long).
+	// Concurrency bounds the requests handled at once; 0 means 16. As many
+	// more may wait for a slot; beyond that a request is answered 503 at
+	// once, so that the connection never stops reading.
 	Concurrency int
+	// MaxReply bounds a reply frame, in bytes; 0 means 1 MiB, the router's
+	// default -max-message. A larger reply (a body is base64 when it is not
+	// UTF-8: 4/3 of its size) would get the device's session closed with
+	// 1009, so it is answered 502 instead.
+	MaxReply int
 }
+
+// replyTimeout bounds writing one reply.
+const replyTimeout = 10 * time.Second
 
 // ServeRelay answers the relayed HTTP requests that reach conn (a host of a
 // hostclient registration) with handler, as an http.Server would: each
@@ -51,9 +60,25 @@ type RelayOptions struct {
 // reach conn.Read. It returns when ctx ends or conn closes, after the
 // requests in progress have been answered.
 func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *RelayOptions) error {
-	n := 16
+	n, maxReply := 16, 1<<20
 	if opts != nil && opts.Concurrency > 0 {
 		n = opts.Concurrency
+	}
+	if opts != nil && opts.MaxReply > 0 {
+		maxReply = opts.MaxReply
+	}
+	// send writes a reply on its own deadline: a reply to a request in
+	// progress still goes out after ctx has ended.
+	send := func(reply relayReply) {
+		b, _ := json.Marshal(reply)
+		if len(b) > maxReply {
+			b, _ = json.Marshal(relayReply{RID: reply.RID, Status: http.StatusBadGateway, Type: "text", Content: "the device's reply is too large for the router"})
+		}
+		wctx, cancel := context.WithTimeout(context.Background(), replyTimeout)
+		defer cancel()
+		// A reply whose session ended is lost; the router has answered
+		// its caller 502 already.
+		conn.Write(wctx, websocket.MessageText, b)
 	}
 	slots := make(chan struct{}, n)
 	reqs := make(chan relayRequest, n)
@@ -67,8 +92,10 @@ func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *Rel
 		}
 		select {
 		case reqs <- r:
-		case <-ctx.Done():
-		case <-conn.Done():
+		default:
+			// Every slot busy and as many waiting: answer at once
+			// rather than stop reading (pings, other messages).
+			go send(relayReply{RID: r.RID, Status: http.StatusServiceUnavailable, Type: "text", Content: "device busy"})
 		}
 		return true
 	})
@@ -76,14 +103,16 @@ func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *Rel
 	for {
 		select {
 		case r := <-reqs:
-			slots <- struct{}{}
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				continue
+			case <-conn.Done():
+				continue
+			}
 			go func() {
 				defer func() { <-slots }()
-				reply := serveOne(ctx, handler, r)
-				b, _ := json.Marshal(reply)
-				// A reply whose session ended is lost; the router has
-				// answered its caller 502 already.
-				conn.Write(ctx, websocket.MessageText, b)
+				send(serveOne(ctx, handler, r))
 			}()
 		case <-ctx.Done():
 			for range n {
@@ -110,7 +139,7 @@ type recorder struct {
 func (r *recorder) Header() http.Header { return r.h }
 
 func (r *recorder) WriteHeader(code int) {
-	if r.status == 0 {
+	if r.status == 0 && code >= 200 { // a 1xx is informational: not the answer
 		r.status = code
 	}
 }

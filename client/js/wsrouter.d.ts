@@ -47,6 +47,7 @@ export interface ConnectionEventMap {
 }
 
 export class Connection extends EventTarget {
+  constructor(baseURL: string, opts: ConnectOptions);
   readonly state: "connecting" | "open" | "reconnecting" | "closed";
   /** The current session's connection id (Node only; "" in browsers). */
   readonly connId: string;
@@ -71,8 +72,8 @@ export interface RelayRequest {
 export interface RelayResponse {
   status?: number;
   headers?: Record<string, string>;
-  /** A string is text, bytes are binary, anything else is JSON. */
-  body?: string | Uint8Array | ArrayBuffer | unknown;
+  /** A string is text, bytes are binary, anything else is sent as JSON. */
+  body?: string | Uint8Array | ArrayBuffer | object | number | boolean | null;
 }
 
 /** Answers relayed HTTP requests with handler; returns a function that stops. */

@@ -6,6 +6,13 @@
 //
 // The wire protocol is the router's docs/protocol.md. The router serves
 // this file at /client.js, so a page can `import { connect } from "/client.js"`.
+//
+// A refused connect (400, 403, 404, 409) ends a connection for good. Node
+// with the ws package tells the status (and honours Retry-After on 429 and
+// 503). A browser, or Node's global WebSocket, hides it: with a key the
+// library asks the router (one POST /publish without a body, which changes
+// nothing) and stops on 403, 404 and a malformed id; with a token, and for
+// the other refusals, it keeps retrying with backoff.
 
 /**
  * A refused HTTP request.
@@ -82,9 +89,9 @@ export function backoff(n, min, max, random = Math.random) {
  *   attempt failed; the next attempt follows after `delay` ms;
  * - `closed` {code, reason, error}: for good — close() was called, or the
  *   router removed the registration (4000), replaced this member (4001),
- *   closed it from the backend (4002–4999), revoked it (1008), or refused
- *   it (403, 404, 400: told in Node; in a browser, with a key, by asking
- *   /relay why, as a refused WebSocket hides its status).
+ *   closed it from the backend (4002–4999 but 4008), revoked it (1008), or
+ *   refused it (400, 403, 404, 409: see the module's comment for where the
+ *   status can be told).
  */
 export class Connection extends EventTarget {
   constructor(baseURL, opts) {
@@ -128,13 +135,18 @@ export class Connection extends EventTarget {
     ws.binaryType = "arraybuffer";
     this._ws = ws;
     let opened = false;
-    let status = 0; // Node's ws tells the status of a refusal
+    let status = 0; // the ws package (Node) tells a refusal's status
+    let retryAfter = 0; // and its Retry-After, in seconds
     if (typeof ws.on === "function") {
       ws.on("upgrade", (res) => { this.connId = res.headers["x-connection-id"] || ""; });
-      // The ws package tells a refusal's status in its error, then closes.
-      ws.on("error", (e) => {
-        const m = /Unexpected server response: (\d+)/.exec(String(e && e.message));
-        if (m) status = Number(m[1]);
+      ws.on("unexpected-response", (req, res) => {
+        status = res.statusCode;
+        retryAfter = parseInt(res.headers["retry-after"] || "0", 10) || 0;
+        res.resume();
+        req.destroy();
+        // With this listener the ws package leaves the socket to us and
+        // sends no close event: end the attempt here.
+        ws.onclose({ code: 1006, reason: "" });
       });
     }
     ws.onopen = () => {
@@ -159,31 +171,38 @@ export class Connection extends EventTarget {
       if (this.state === "closed") return;
       if (opened && isFinal(ev.code)) return this._end(ev.code, ev.reason, new Error(`closed: ${ev.code} ${ev.reason || FINAL[ev.code] || ""}`.trim()));
       if (!opened) {
-        if (!status && this.opts.key && typeof window !== "undefined") status = await this._why();
-        if (status === 400 || status === 403 || status === 404) {
+        // A browser (or a global WebSocket) hides the status: ask.
+        if (!status && this.opts.key && typeof fetch === "function" && typeof ws.on !== "function") status = await this._why();
+        if (this.state === "closed") return; // close() while asking
+        if (status === 400 || status === 403 || status === 404 || status === 409) {
           return this._end(0, "", new WsrouterError(status, "refused"));
         }
       }
-      this._retry(opened ? ev.code : 1006, ev.reason || (status ? `HTTP ${status}` : ""));
+      this._retry(opened ? ev.code : 1006, ev.reason || (status ? `HTTP ${status}` : ""), retryAfter);
     };
   }
 
-  // _why asks /relay why a browser's WebSocket was refused: it checks the
-  // id (404) and the key (403) before the type. A 400 "not a hostclient
-  // registration" means both were right.
+  // _why asks the router why a WebSocket was refused, where the status is
+  // hidden: POST /publish with the key and no body checks the id (400
+  // malformed, 404 unknown) and the key (403) before anything else, and
+  // has no effect whatever it answers (a right key gets 400 for the type
+  // or the empty body). Only 403, 404 and a malformed id are told; the rest
+  // (a full registration, a name taken, the router away) is retried.
   async _why() {
     try {
-      const u = new URL(this.url + "/relay/" + encodeURIComponent(this.opts.id) + "/");
-      u.search = new URLSearchParams({ key: this.opts.key }).toString();
-      const resp = await fetch(u, { cache: "no-store" });
+      const u = new URL(this.url + "/publish");
+      u.search = new URLSearchParams({ id: this.opts.id, key: this.opts.key }).toString();
+      const resp = await fetch(u, { method: "POST", cache: "no-store" });
       if (resp.status === 404 || resp.status === 403) return resp.status;
+      if (resp.status === 400 && (await resp.text()).startsWith("malformed id")) return 400;
     } catch (e) { /* unreachable: a transient failure */ }
     return 0;
   }
 
-  _retry(code, reason) {
+  _retry(code, reason, retryAfter = 0) {
+    if (this.state === "closed") return;
     this.attempt++;
-    const delay = backoff(this.attempt, this.opts.minBackoff, this.opts.maxBackoff);
+    const delay = Math.max(backoff(this.attempt, this.opts.minBackoff, this.opts.maxBackoff), retryAfter * 1000);
     this.state = "reconnecting";
     this._emit("reconnecting", { attempt: this.attempt, delay, code, reason });
     this._timer = setTimeout(() => { this._timer = null; this._dial(); }, delay);

@@ -51,12 +51,7 @@ import (
 	"syscall"
 	"time"
 	"wsrouter/client"
-
-	"github.com/coder/websocket"
 )
-
-// codeRemoved is the close code of a registration removed by /remove.
-const codeRemoved websocket.StatusCode = 4000
 
 // timeout bounds each HTTP call, dial and reply write.
 const timeout = 10 * time.Second

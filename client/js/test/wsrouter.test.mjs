@@ -100,6 +100,14 @@ test("refusals and final closes end the connection for good", async () => {
   const wrong = connect(r.url, opts({ id: "room", key: "wrong" }));
   assert.equal((await next(wrong, "closed")).error.status, 403);
 
+  // 409: a name held by a member of the other role.
+  await register(r.url, { type: "hostclient", key: "k", hostKey: "h", id: "hc" });
+  const host = connect(r.url, opts({ id: "hc", key: "k", role: "host", name: "dev" }));
+  await next(host, "open");
+  const taken = connect(r.url, opts({ id: "hc", key: "k", role: "client", name: "dev" }));
+  assert.equal((await next(taken, "closed")).error.status, 409);
+  host.close();
+
   const m = connect(r.url, opts({ id: "room", key: "k" }));
   await next(m, "open");
   const closed = next(m, "closed");
