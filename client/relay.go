@@ -37,10 +37,13 @@ type relayReply struct {
 
 // RelayOptions tune ServeRelay.
 type RelayOptions struct {
-	// Concurrency bounds the requests handled at once; 0 means 16. As many
-	// more may wait for a slot; beyond that a request is answered 503 at
-	// once, so that the connection never stops reading.
+	// Concurrency bounds the requests handled at once; 0 means 16.
 	Concurrency int
+	// Queue bounds the requests waiting for a slot; 0 means 256, more than
+	// the router lets wait on a registration by default
+	// (-relay-max-pending 100). Beyond it a request is answered 503 at
+	// once, so that the connection never stops reading.
+	Queue int
 	// MaxReply bounds a reply frame, in bytes; 0 means 1 MiB, the router's
 	// default -max-message. A larger reply (a body is base64 when it is not
 	// UTF-8: 4/3 of its size) would get the device's session closed with
@@ -60,9 +63,12 @@ const replyTimeout = 10 * time.Second
 // reach conn.Read. It returns when ctx ends or conn closes, after the
 // requests in progress have been answered.
 func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *RelayOptions) error {
-	n, maxReply := 16, 1<<20
+	n, queue, maxReply := 16, 256, 1<<20
 	if opts != nil && opts.Concurrency > 0 {
 		n = opts.Concurrency
+	}
+	if opts != nil && opts.Queue > 0 {
+		queue = opts.Queue
 	}
 	if opts != nil && opts.MaxReply > 0 {
 		maxReply = opts.MaxReply
@@ -81,7 +87,7 @@ func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *Rel
 		conn.Write(wctx, websocket.MessageText, b)
 	}
 	slots := make(chan struct{}, n)
-	reqs := make(chan relayRequest, n)
+	reqs := make(chan relayRequest, queue)
 	conn.setFilter(func(m Message) bool {
 		if m.Type != websocket.MessageText || !bytes.Contains(m.Data, []byte(`"rid"`)) {
 			return false
@@ -93,7 +99,7 @@ func ServeRelay(ctx context.Context, conn *Conn, handler http.Handler, opts *Rel
 		select {
 		case reqs <- r:
 		default:
-			// Every slot busy and as many waiting: answer at once
+			// Every slot busy and the queue full: answer at once
 			// rather than stop reading (pings, other messages).
 			go send(relayReply{RID: r.RID, Status: http.StatusServiceUnavailable, Type: "text", Content: "device busy"})
 		}
