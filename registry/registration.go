@@ -508,13 +508,8 @@ func (reg *Registration) lookup(sel Selector) (Member, Role, bool) {
 
 // Members returns the live members, in no particular order.
 func (reg *Registration) Members() []MemberInfo {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	out := make([]MemberInfo, 0, len(reg.members))
-	for _, e := range reg.members {
-		out = append(out, MemberInfo{e.m, e.role, e.name, slices.Clone(e.subs)})
-	}
-	return out
+	members, _ := reg.View()
+	return members
 }
 
 // View returns the live members, as Members does, and the Seq of the last

@@ -6,7 +6,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -262,6 +262,26 @@ type memberJSON struct {
 	Subscriptions []string  `json:"subscriptions,omitempty"`
 }
 
+// memberOf is a member as /members and the info stream show it.
+func memberOf(mi registry.MemberInfo) memberJSON {
+	mj := memberJSON{Conn: mi.Member.ID(), Role: mi.Role.String(), Name: mi.Name, Subscriptions: mi.Subscriptions}
+	if c, ok := mi.Member.(*conn); ok {
+		mj.RemoteAddr, mj.ConnectedAt = c.remoteAddr, c.connectedAt
+	}
+	return mj
+}
+
+// membersJSON lists members as /members and the info stream's snapshots
+// show them: oldest first, so that a listing reads as the room filled.
+func membersJSON(ms []registry.MemberInfo) []memberJSON {
+	out := make([]memberJSON, 0, len(ms))
+	for _, mi := range ms {
+		out = append(out, memberOf(mi))
+	}
+	slices.SortFunc(out, func(a, b memberJSON) int { return a.ConnectedAt.Compare(b.ConnectedAt) })
+	return out
+}
+
 // serveMembers answers GET /members.
 func (rt *Router) serveMembers(w http.ResponseWriter, r *http.Request) {
 	t, err := rt.backend(w, r, "members")
@@ -269,19 +289,9 @@ func (rt *Router) serveMembers(w http.ResponseWriter, r *http.Request) {
 		rt.refuse(w, "members", err)
 		return
 	}
-	members := []memberJSON{}
-	for _, mi := range t.reg.Members() {
-		mj := memberJSON{Conn: mi.Member.ID(), Role: mi.Role.String(), Name: mi.Name, Subscriptions: mi.Subscriptions}
-		if c, ok := mi.Member.(*conn); ok {
-			mj.RemoteAddr, mj.ConnectedAt = c.remoteAddr, c.connectedAt
-		}
-		members = append(members, mj)
-	}
-	// Oldest first, so that a listing reads as the room filled.
-	sort.Slice(members, func(i, j int) bool { return members[i].ConnectedAt.Before(members[j].ConnectedAt) })
 	writeJSON(w, struct {
 		Members []memberJSON `json:"members"`
-	}{members})
+	}{membersJSON(t.reg.Members())})
 }
 
 // writeJSON answers 200 with v as JSON.

@@ -141,15 +141,6 @@ func (ws *watchers) every() []*watcher {
 	return out
 }
 
-// infoMember is a member as /members and the info stream show it.
-func infoMember(mi registry.MemberInfo) memberJSON {
-	mj := memberJSON{Conn: mi.Member.ID(), Role: mi.Role.String(), Name: mi.Name, Subscriptions: mi.Subscriptions}
-	if c, ok := mi.Member.(*conn); ok {
-		mj.RemoteAddr, mj.ConnectedAt = c.remoteAddr, c.connectedAt
-	}
-	return mj
-}
-
 // infoEvent is an event frame. Member fields are those of /members.
 type infoEvent struct {
 	Type         string    `json:"type"`
@@ -188,7 +179,7 @@ func (rt *Router) observeInfo(ev registry.Event) {
 		e.Type = "remove"
 	case registry.EventJoin, registry.EventLeave, registry.EventSubscribe, registry.EventUnsubscribe:
 		e.Type = ev.Kind.String()
-		mj := infoMember(registry.MemberInfo{Member: ev.Member, Role: ev.Role, Name: ev.Name})
+		mj := memberOf(registry.MemberInfo{Member: ev.Member, Role: ev.Role, Name: ev.Name})
 		e.memberJSON = &mj
 		if ev.Kind == registry.EventLeave {
 			e.Code = ev.Closure.Code
@@ -433,13 +424,13 @@ func (rt *Router) admitWatcher(w http.ResponseWriter, r *http.Request) (*watcher
 			Type         string       `json:"type"`
 			Registration infoReg      `json:"registration"`
 			Members      []memberJSON `json:"members"`
-		}{"snapshot", infoReg{ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC()}, infoMembers(members)}
+		}{"snapshot", infoReg{ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC()}, membersJSON(members)}
 	} else {
 		regs := []infoReg{}
 		rt.registry.Each(func(reg *registry.Registration) {
 			members, seq := reg.View()
 			floor[reg.ID] = seq
-			m := infoMembers(members)
+			m := membersJSON(members)
 			regs = append(regs, infoReg{ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC(), Members: &m})
 		})
 		slices.SortFunc(regs, func(a, b infoReg) int { return a.Created.Compare(b.Created) })
@@ -463,16 +454,6 @@ type infoReg struct {
 	Type    string        `json:"reg_type"`
 	Created time.Time     `json:"created_at"`
 	Members *[]memberJSON `json:"members,omitempty"` // server-wide snapshots
-}
-
-// infoMembers lists members as /members does: oldest first.
-func infoMembers(ms []registry.MemberInfo) []memberJSON {
-	out := make([]memberJSON, 0, len(ms))
-	for _, mi := range ms {
-		out = append(out, infoMember(mi))
-	}
-	slices.SortFunc(out, func(a, b memberJSON) int { return a.ConnectedAt.Compare(b.ConnectedAt) })
-	return out
 }
 
 // protocolBearer returns the admin token a browser sent as the subprotocol

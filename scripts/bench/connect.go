@@ -101,21 +101,9 @@ func (b *connectBench) run(ctx context.Context, t *target) (*result, error) {
 	if len(modes) == 1 {
 		return b.runMode(ctx, t, modes[0])
 	}
-	res := newResult()
-	for _, m := range modes {
-		r, err := b.runMode(ctx, t, m)
-		for k, v := range r.figures {
-			res.set(k+"_"+m, v)
-		}
-		for k, v := range r.notes {
-			res.notes[k+"_"+m] = v
-		}
-		for _, a := range r.anomalies {
-			res.anomaly("%s: %s", m, a)
-		}
-		if err != nil {
-			return res, fmt.Errorf("%s: %w", m, err)
-		}
+	res, err := runEach(modes, func(m string) (*result, error) { return b.runMode(ctx, t, m) })
+	if err != nil {
+		return res, err
 	}
 	if tok, ok := res.figures["connects_per_s_token"]; ok {
 		for _, m := range []string{"remembered", "key"} {

@@ -97,18 +97,9 @@ func (b *pubsubBench) run(ctx context.Context, t *target) (*result, error) {
 	if b.wild {
 		return b.runShape(ctx, t, "wild")
 	}
-	res := newResult()
-	for _, shape := range []string{"lobby", "pubsub"} {
-		r, err := b.runShape(ctx, t, shape)
-		for k, v := range r.figures {
-			res.set(k+"_"+shape, v)
-		}
-		for _, a := range r.anomalies {
-			res.anomaly("%s: %s", shape, a)
-		}
-		if err != nil {
-			return res, fmt.Errorf("%s: %w", shape, err)
-		}
+	res, err := runEach([]string{"lobby", "pubsub"}, func(shape string) (*result, error) { return b.runShape(ctx, t, shape) })
+	if err != nil {
+		return res, err
 	}
 	if l := res.figures["deliveries_per_s_lobby"]; l > 0 {
 		res.set("pubsub_vs_lobby", res.figures["deliveries_per_s_pubsub"]/l)

@@ -151,18 +151,9 @@ func (b *relayBench) run(ctx context.Context, t *target) (*result, error) {
 		}
 		return b.runHost(ctx, t, host)
 	}
-	res := newResult()
-	for _, h := range []string{"handwritten", "serverelay"} {
-		r, err := b.runHost(ctx, t, h)
-		for k, v := range r.figures {
-			res.set(k+"_"+h, v)
-		}
-		for _, a := range r.anomalies {
-			res.anomaly("%s: %s", h, a)
-		}
-		if err != nil {
-			return res, fmt.Errorf("%s: %w", h, err)
-		}
+	res, err := runEach([]string{"handwritten", "serverelay"}, func(h string) (*result, error) { return b.runHost(ctx, t, h) })
+	if err != nil {
+		return res, err
 	}
 	if hw := res.figures["round_trips_per_s_handwritten"]; hw > 0 {
 		res.set("serverelay_vs_handwritten", res.figures["round_trips_per_s_serverelay"]/hw)

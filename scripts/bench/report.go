@@ -48,6 +48,30 @@ func (r *result) anomaly(format string, args ...any) {
 	r.anomalies = append(r.anomalies, fmt.Sprintf(format, args...))
 }
 
+// runEach measures each variant in turn against the same server, so that
+// their ratios come from one run, and keeps each one's figures and notes
+// under "_<variant>" and its anomalies prefixed with its name. It stops at
+// the first variant that fails.
+func runEach(variants []string, run func(variant string) (*result, error)) (*result, error) {
+	res := newResult()
+	for _, v := range variants {
+		r, err := run(v)
+		for k, f := range r.figures {
+			res.set(k+"_"+v, f)
+		}
+		for k, n := range r.notes {
+			res.notes[k+"_"+v] = n
+		}
+		for _, a := range r.anomalies {
+			res.anomaly("%s: %s", v, a)
+		}
+		if err != nil {
+			return res, fmt.Errorf("%s: %w", v, err)
+		}
+	}
+	return res, nil
+}
+
 // targetRecord is one server's part of one run, as written to JSON.
 type targetRecord struct {
 	Figures   map[string]float64 `json:"figures,omitempty"`
