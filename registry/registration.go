@@ -2,6 +2,7 @@ package registry
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -205,20 +206,40 @@ func (reg *Registration) JoinNamed(m Member, role Role, name string) error {
 	if reg.registry.isClosed() {
 		return ErrClosed
 	}
+	// Attached before the member is visible, so that it hears other
+	// nodes' messages from its join on.
+	broker := reg.registry.broker
+	if err := broker.Attach(reg); err != nil {
+		return fmt.Errorf("join %s: %w", reg.ID, err)
+	}
+	old, err := reg.join(m, role, name)
+	if err != nil {
+		broker.Detach(reg)
+		return err
+	}
+	if old.m != nil {
+		broker.Detach(reg)
+		old.m.Close(CodeReplaced, "replaced")
+	}
+	return nil
+}
+
+// join adds m and returns the member it replaced, if any.
+func (reg *Registration) join(m Member, role Role, name string) (member, error) {
 	id := m.ID()
 	reg.mu.Lock()
 	switch {
 	case reg.removed:
 		reg.mu.Unlock()
-		return fmt.Errorf("join %s: %w", reg.ID, ErrNotFound)
+		return member{}, fmt.Errorf("join %s: %w", reg.ID, ErrNotFound)
 	case reg.removing != nil:
 		// Not a 404 yet: the removal may fail and leave it live.
 		reg.mu.Unlock()
-		return fmt.Errorf("join %s: %w", reg.ID, ErrRemoving)
+		return member{}, fmt.Errorf("join %s: %w", reg.ID, ErrRemoving)
 	}
 	if _, dup := reg.members[id]; dup {
 		reg.mu.Unlock()
-		return fmt.Errorf("join %s: member %s: %w", reg.ID, id, ErrExists)
+		return member{}, fmt.Errorf("join %s: member %s: %w", reg.ID, id, ErrExists)
 	}
 	var old member
 	if name != "" {
@@ -226,14 +247,14 @@ func (reg *Registration) JoinNamed(m Member, role Role, name string) error {
 			old = reg.members[oldID]
 			if old.role != role {
 				reg.mu.Unlock()
-				return fmt.Errorf("join %s as %q: %w", reg.ID, name, ErrNameTaken)
+				return member{}, fmt.Errorf("join %s as %q: %w", reg.ID, name, ErrNameTaken)
 			}
 		}
 	}
 	// The member replaced makes room for its successor.
 	if max := reg.registry.cfg.MaxMembers; max > 0 && len(reg.members) >= max && old.m == nil {
 		reg.mu.Unlock()
-		return fmt.Errorf("join %s: %w", reg.ID, ErrTooManyMembers)
+		return member{}, fmt.Errorf("join %s: %w", reg.ID, ErrTooManyMembers)
 	}
 	if old.m != nil {
 		delete(reg.members, old.m.ID())
@@ -254,10 +275,7 @@ func (reg *Registration) JoinNamed(m Member, role Role, name string) error {
 	reg.eventLocked(Event{Kind: EventJoin, Member: m, Role: role, Name: name})
 	reg.mu.Unlock()
 	reg.notify()
-	if old.m != nil {
-		old.m.Close(CodeReplaced, "replaced")
-	}
-	return nil
+	return old, nil
 }
 
 // CodeReplaced is the close code of a member replaced by a newer one of the
@@ -289,9 +307,28 @@ func (reg *Registration) Leave(m Member, closure Closure) {
 		reg.armTimerLocked(grace, CauseGC)
 	}
 	reg.mu.Unlock()
+	reg.registry.broker.Detach(reg)
 	reg.notify()
 	if empty && grace <= 0 {
 		reg.removeIf(context.Background(), CauseGC, func() bool { return len(reg.members) == 0 })
+	}
+}
+
+// Vacated tells the registration that it has no members on other nodes any
+// more (they left, or their node died): if it has none here either, it is
+// garbage-collected after the grace, as if its last member had just left.
+// The removal is exactly once across nodes: the store's DeleteIdle lets one
+// node remove it.
+func (reg *Registration) Vacated() {
+	reg.mu.Lock()
+	idle := !reg.removed && reg.removing == nil && len(reg.members) == 0 && reg.timer == nil
+	grace := reg.registry.cfg.GCGrace
+	if idle && grace > 0 {
+		reg.armTimerLocked(grace, CauseGC)
+	}
+	reg.mu.Unlock()
+	if idle && grace <= 0 {
+		go reg.removeIf(context.Background(), CauseGC, func() bool { return len(reg.members) == 0 })
 	}
 }
 
@@ -349,11 +386,20 @@ func (reg *Registration) removeWith(ctx context.Context, cause Cause, code int, 
 	reg.stopTimerLocked()
 	reg.mu.Unlock()
 
-	err := reg.registry.store.Delete(context.WithoutCancel(ctx), reg.Ref())
+	var err error
+	if idle, ok := reg.registry.store.(IdleDeleter); ok && (cause == CauseGC || cause == CauseUnused) {
+		err = idle.DeleteIdle(context.WithoutCancel(ctx), reg.Ref())
+	} else {
+		err = reg.registry.store.Delete(context.WithoutCancel(ctx), reg.Ref())
+	}
 
 	reg.mu.Lock()
 	reg.removing = nil
 	switch {
+	case errors.Is(err, ErrInUse):
+		// Members on another node: it is theirs to remove once they leave.
+		reg.mu.Unlock()
+		err = nil
 	case reg.removed:
 		// The registry closed meanwhile: the removal is moot, its record
 		// (if the delete failed) comes back with the next start.
@@ -396,6 +442,7 @@ func (reg *Registration) detach(cause Cause, code int, reason string) {
 	reg.registry.forget(reg)
 	reg.notify()
 	for _, m := range members {
+		reg.registry.broker.Detach(reg)
 		m.Close(code, reason)
 	}
 }

@@ -63,6 +63,9 @@ const (
 	CauseUnused
 	// CauseShutdown is a removal because the registry closed.
 	CauseShutdown
+	// CauseRemote is a removal made on another node of a cluster (by
+	// /remove or GC there), which this node follows.
+	CauseRemote
 )
 
 // String returns the cause as used in metrics labels.
@@ -76,6 +79,8 @@ func (c Cause) String() string {
 		return "ttl"
 	case CauseShutdown:
 		return "shutdown"
+	case CauseRemote:
+		return "remote"
 	}
 	return "unknown"
 }
@@ -371,6 +376,34 @@ func (r *Registry) Close(code int, reason string) {
 	r.Each(func(reg *Registration) {
 		reg.shutdown(code, reason)
 	})
+}
+
+// Vanish ends the live registration named ref, whose record another node
+// removed from the shared store: its members are closed with 4000 and its
+// observers hear of a removal with CauseRemote. The store is not touched.
+// A removal this node is making meanwhile is waited for: it ends the
+// registration itself, with its own cause.
+func (r *Registry) Vanish(ref Ref) {
+	for {
+		r.mu.RLock()
+		reg := r.regs[ref.ID]
+		r.mu.RUnlock()
+		if reg == nil || reg.Generation != ref.Generation {
+			return
+		}
+		reg.mu.Lock()
+		switch op := reg.removing; {
+		case reg.removed:
+			reg.mu.Unlock()
+			return
+		case op != nil:
+			reg.mu.Unlock()
+			<-op.done
+			continue
+		}
+		reg.detach(CauseRemote, 4000, "registration removed") // unlocks
+		return
+	}
 }
 
 // forget deletes reg from the map if it is still the registration under its

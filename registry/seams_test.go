@@ -277,8 +277,23 @@ func TestSendTo(t *testing.T) {
 
 // countingBroker counts what passes through it, then delivers locally.
 type countingBroker struct {
-	mu sync.Mutex
-	n  int
+	LocalBroker
+	mu       sync.Mutex
+	n        int
+	attached int // Attach calls less Detach calls
+}
+
+func (b *countingBroker) Attach(*Registration) error {
+	b.mu.Lock()
+	b.attached++
+	b.mu.Unlock()
+	return nil
+}
+
+func (b *countingBroker) Detach(*Registration) {
+	b.mu.Lock()
+	b.attached--
+	b.mu.Unlock()
 }
 
 func (b *countingBroker) Publish(reg *Registration, from Member, role Role, msg Message) int {
@@ -301,6 +316,44 @@ func TestPublishGoesThroughBroker(t *testing.T) {
 	if b.n != 1 || len(y.messages()) != 1 || len(x.messages()) != 0 {
 		t.Fatalf("broker saw %d, y got %d, x got %d; want 1, 1, 0", b.n, len(y.messages()), len(x.messages()))
 	}
+}
+
+// TestAttachBalances: every member that joined is attached once and
+// detached once, however it goes: leaving, being replaced, a refused join,
+// the registration's removal.
+func TestAttachBalances(t *testing.T) {
+	b := &countingBroker{}
+	r := newTestRegistry(Config{Broker: b, GCGrace: time.Hour, MaxMembers: 2})
+	reg := mustCreate(t, r, "", HostClient)
+	attached := func(want int) {
+		t.Helper()
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		if b.attached != want {
+			t.Fatalf("attached: got %d, want %d", b.attached, want)
+		}
+	}
+	h1, h2, c1, c2 := newMember("h1"), newMember("h2"), newMember("c1"), newMember("c2")
+	if err := reg.JoinNamed(h1, RoleHost, "dev"); err != nil {
+		t.Fatal(err)
+	}
+	mustJoin(t, reg, c1, RoleClient)
+	attached(2)
+	if err := reg.Join(c2, RoleClient); !errors.Is(err, ErrTooManyMembers) {
+		t.Fatalf("third member: got %v, want ErrTooManyMembers", err)
+	}
+	attached(2)
+	if err := reg.JoinNamed(h2, RoleHost, "dev"); err != nil { // replaces h1
+		t.Fatal(err)
+	}
+	attached(2)
+	reg.Leave(c1, Closure{Code: 1000})
+	reg.Leave(c1, Closure{Code: 1000}) // twice is once
+	attached(1)
+	if err := reg.Remove(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	attached(0)
 }
 
 func TestNames(t *testing.T) {
