@@ -26,7 +26,9 @@ import (
 
 	"wsrouter/registry"
 	"wsrouter/registry/boltstore"
+	"wsrouter/registry/cluster"
 	"wsrouter/router"
+	"wsrouter/router/relay"
 	"wsrouter/router/token"
 	"wsrouter/router/webhook"
 )
@@ -78,6 +80,9 @@ type options struct {
 	data            string // -data: the registrations' file; "" keeps them in memory
 	tokenKey        string // -token-key: PEM file of the router's Ed25519 key
 	tokenIssuerKeys string // -token-issuer-keys: PEM and/or JWKS file of an issuer's keys
+	nats            string // -nats: NATS servers; "" is a single node
+	natsCreds       string // -nats-creds: their credentials file
+	cluster         string // -cluster: the cluster's name
 
 	router  router.Config // router.Registry holds the registry's flags
 	origins string
@@ -105,7 +110,10 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", 10*time.Second, "how long a graceful shutdown may take once members are being closed")
 	fs.DurationVar(&o.drainDelay, "drain-delay", 0, "on SIGINT/SIGTERM, keep serving this long with /healthz and /register answering 503 before closing members, so a load balancer can take this instance out first (0: close at once)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit (not read from the environment)")
-	fs.StringVar(&o.data, "data", "wsrouter.db", `file that keeps registrations across restarts (one process per file; "": memory only)`)
+	fs.StringVar(&o.data, "data", "wsrouter.db", `file that keeps registrations across restarts (one process per file; "": memory only; not with -nats)`)
+	fs.StringVar(&o.nats, "nats", "", "comma list of NATS servers (with JetStream) that make this node one of a cluster sharing its registrations (empty: a single node)")
+	fs.StringVar(&o.natsCreds, "nats-creds", "", "NATS credentials file, if the servers want one")
+	fs.StringVar(&o.cluster, "cluster", "wsrouter", "the cluster's name: its key-value bucket and subjects in NATS; nodes with the same -nats and -cluster are one router")
 
 	rc, gc := &o.router, &o.router.Registry
 	fs.Int64Var(&rc.MaxMessage, "max-message", 1<<20, "largest data message in bytes; a larger one closes its sender with 1009")
@@ -207,6 +215,17 @@ func parseFlags(args []string, stdout io.Writer) (*options, error) {
 	}
 	if rc.Tokens.MaxTTL <= 0 {
 		return nil, fmt.Errorf("-token-max-ttl %v: want a positive duration", rc.Tokens.MaxTTL)
+	}
+	if !cluster.ValidName(o.cluster) {
+		return nil, fmt.Errorf("-cluster %q: want 1 to 64 of A-Z a-z 0-9 _ -", o.cluster)
+	}
+	if o.nats != "" {
+		dataSet := false
+		fs.Visit(func(f *flag.Flag) { dataSet = dataSet || f.Name == "data" && o.data != "" })
+		if dataSet {
+			return nil, errors.New("-data with -nats: a cluster node keeps no data file, its registrations live in NATS")
+		}
+		o.data = ""
 	}
 	return o, nil
 }
@@ -349,6 +368,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		log.Info("data file opened", "path", o.data, "registrations", len(recs), "took", time.Since(start))
 		keeper = store
 	}
+	var node *cluster.Node
+	if o.nats != "" {
+		if node, err = o.joinCluster(ctx, log); err != nil {
+			return err
+		}
+		defer node.Close()
+		keeper = node
+	}
 	if err := o.loadTokenKeys(keeper, log); err != nil {
 		return err
 	}
@@ -365,6 +392,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}()
 	if err := restore(rt.Registry(), recs, log); err != nil {
 		return err
+	}
+	if node != nil {
+		start := time.Now()
+		if err := node.Start(ctx, rt.Registry()); err != nil {
+			return fmt.Errorf("cluster: %w", err)
+		}
+		log.Info("cluster joined", "cluster", o.cluster, "node", node.ID(), "registrations", rt.Registry().Len(), "took", time.Since(start))
 	}
 	newServer := func(h http.Handler) *http.Server {
 		return &http.Server{
@@ -541,6 +575,41 @@ func (b buildInfo) attrs() slog.Attr {
 	}
 	return slog.Group("build", append(as, "go", b.goVersion)...)
 }
+
+// joinCluster connects to -nats and makes the node the router's store and
+// broker. Messages and relay bodies must fit in one NATS message: larger
+// limits are lowered to what the servers take, and the log says so.
+func (o *options) joinCluster(ctx context.Context, log *slog.Logger) (*cluster.Node, error) {
+	node, err := cluster.Dial(ctx, cluster.Config{URLs: o.nats, Creds: o.natsCreds, Name: o.cluster, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	rc := &o.router
+	max := node.MaxPayload()
+	if rc.MaxMessage+clusterHeader > max {
+		rc.MaxMessage = max - clusterHeader
+		log.Warn("-max-message lowered to fit NATS's max_payload", "max_message", rc.MaxMessage, "max_payload", max)
+	}
+	if body := rc.RelayMaxBody; body <= 0 || body+clusterRelayHeader > max {
+		if body <= 0 {
+			body = relay.DefaultMaxBody
+		}
+		if body+clusterRelayHeader > max {
+			rc.RelayMaxBody = max - clusterRelayHeader
+			log.Warn("-relay-max-body lowered to fit NATS's max_payload", "relay_max_body", rc.RelayMaxBody, "max_payload", max)
+		}
+	}
+	rc.Registry.Store, rc.Registry.Broker, rc.Cluster = node, node, node
+	return node, nil
+}
+
+// What a message and a relay request add to their payload between nodes:
+// the message's header and event; the request's JSON, base64 body and
+// headers.
+const (
+	clusterHeader      = 1 << 10
+	clusterRelayHeader = 64 << 10
+)
 
 // secretKeeper keeps a secret made once with the data: the file store does.
 type secretKeeper interface {

@@ -90,6 +90,10 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	}
 	reg, err := rt.registry.Get(id)
 	if err != nil {
+		if rt.cut() {
+			// It may have been made elsewhere since this node lost touch.
+			return nil, errCut
+		}
 		return nil, err
 	}
 	// With a token, sock_type may be left out: the token's role is used.

@@ -215,6 +215,9 @@ func (rt *Router) send(w http.ResponseWriter, r *http.Request) (int, error) {
 		return 0, paramError("a text body must be UTF-8")
 	}
 	n := t.reg.SendTo(sel, msg)
+	if rt.cfg.Cluster != nil && (n == 0 || sel.ID == "" && sel.Name == "") {
+		n += rt.clusterSend(r.Context(), t.reg, sel, msg)
+	}
 	if n == 0 && (sel.ID != "" || sel.Name != "") {
 		return 0, errNoMember
 	}
@@ -246,6 +249,9 @@ func (rt *Router) closeMember(w http.ResponseWriter, r *http.Request) error {
 	}
 	m, _, ok := t.reg.Lookup(sel)
 	if !ok {
+		if rt.cfg.Cluster != nil && rt.clusterClose(r.Context(), t.reg, sel, code, reason) {
+			return nil
+		}
 		return errNoMember
 	}
 	m.Close(code, reason)
@@ -289,9 +295,13 @@ func (rt *Router) serveMembers(w http.ResponseWriter, r *http.Request) {
 		rt.refuse(w, "members", err)
 		return
 	}
+	ms := membersJSON(t.reg.Members())
+	if rt.cfg.Cluster != nil {
+		ms = rt.clusterMembers(r.Context(), t.reg, ms)
+	}
 	writeJSON(w, struct {
 		Members []memberJSON `json:"members"`
-	}{membersJSON(t.reg.Members())})
+	}{ms})
 }
 
 // writeJSON answers 200 with v as JSON.

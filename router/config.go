@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"wsrouter/registry"
+	"wsrouter/registry/cluster"
 	"wsrouter/router/relay"
 )
 
@@ -77,6 +78,9 @@ type Config struct {
 	// AdminToken enables /stats for requests bearing it; empty means no
 	// /stats.
 	AdminToken string
+	// Cluster, if set, makes the router a node of a cluster: it must also
+	// be the Registry's Store and Broker (docs/protocol.md §15).
+	Cluster *cluster.Node
 	// Registry configures the router's registry. Its Observers and
 	// OnKeyCheck hook are called after the router's own.
 	Registry registry.Config

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"wsrouter/registry"
+	"wsrouter/registry/cluster"
 )
 
 var (
@@ -62,6 +63,8 @@ func status(err error) (int, string) {
 		return http.StatusServiceUnavailable, "server busy"
 	case errors.Is(err, errTooManyWatchers):
 		return http.StatusServiceUnavailable, "too many info streams"
+	case errors.Is(err, errCut), errors.Is(err, cluster.ErrCut):
+		return http.StatusServiceUnavailable, "cut off from the cluster"
 	case errors.Is(err, registry.ErrStore):
 		return http.StatusServiceUnavailable, "storage unavailable"
 	case errors.Is(err, registry.ErrRemoving):
@@ -89,7 +92,7 @@ func writeStatus(w http.ResponseWriter, err error, code int, msg string) {
 	case errors.As(err, &rl):
 		secs := int((rl.retry + time.Second - 1) / time.Second)
 		w.Header().Set("Retry-After", strconv.Itoa(max(1, secs)))
-	case errors.Is(err, registry.ErrStore), errors.Is(err, registry.ErrRemoving):
+	case errors.Is(err, registry.ErrStore), errors.Is(err, registry.ErrRemoving), errors.Is(err, errCut):
 		w.Header().Set("Retry-After", "1")
 	}
 	http.Error(w, msg, code)

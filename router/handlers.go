@@ -16,6 +16,10 @@ func (rt *Router) serveHealth(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("shutting down"))
 		return
 	}
+	if rt.cut() {
+		serveDegraded(w)
+		return
+	}
 	w.Write([]byte("ok"))
 }
 
@@ -31,6 +35,9 @@ func (rt *Router) register(w http.ResponseWriter, r *http.Request) error {
 	}
 	if err := rt.allow(rt.limits.register, "register", r); err != nil {
 		return err
+	}
+	if rt.cut() {
+		return errCut
 	}
 	p, err := readParams(w, r)
 	if err != nil {
@@ -101,6 +108,9 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 	cred, err := readCredentials(p, needKey|needHostKey)
 	if err != nil {
 		return err
+	}
+	if rt.cut() {
+		return errCut
 	}
 	reg, err := rt.registry.Get(id)
 	if err != nil {

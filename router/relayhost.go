@@ -67,11 +67,15 @@ func (rt *Router) routeRelay(w http.ResponseWriter, r *http.Request) (*relay.Tar
 	if reg.Type != registry.HostClient {
 		return nil, relay.ErrNotHostClient
 	}
-	host, _ := reg.PickHost().(relay.Host)
-	if host == nil {
-		return nil, relay.ErrNoHost
+	t := &relay.Target{Reg: reg, Path: path, Query: query, Client: rt.limits.clientIP(r)}
+	if t.Host, _ = reg.PickHost().(relay.Host); t.Host == nil {
+		if rt.cfg.Cluster == nil {
+			return nil, relay.ErrNoHost
+		}
+		// Perhaps on another node.
+		t.Remote = rt.remoteRelay(reg)
 	}
-	return &relay.Target{Reg: reg, Host: host, Path: path, Query: query, Client: rt.limits.clientIP(r)}, nil
+	return t, nil
 }
 
 // splitRelayPath splits "/relay/{id}/{path…}" into the id and the path after

@@ -93,6 +93,9 @@ func New(cfg Config, log *slog.Logger) *Router {
 	}
 	rt.registry = registry.New(regCfg)
 	m.registerLive(rt.registry)
+	if cfg.Cluster != nil {
+		rt.clusterUp(cfg.Cluster)
+	}
 	rt.baseCtx, rt.cancelBase = context.WithCancel(context.Background())
 	go rt.sweep()
 

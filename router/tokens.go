@@ -97,6 +97,10 @@ func (rt *Router) serveToken(w http.ResponseWriter, r *http.Request) {
 }
 
 func (rt *Router) mintToken(w http.ResponseWriter, r *http.Request) error {
+	if rt.cut() {
+		// A token names a generation the cluster may have moved past.
+		return errCut
+	}
 	t, err := rt.backend(w, r, "token")
 	if err != nil {
 		return err

@@ -12,6 +12,7 @@
 package relay
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net/http"
@@ -96,6 +97,12 @@ type Target struct {
 	Query url.Values
 	// Client names the caller's address, for its share of the memory.
 	Client string
+	// Remote, set instead of Host, carries the request to a host on
+	// another node of a cluster, which makes the exchange there (with its
+	// own timeout, limits and late-reply window) and answers with the
+	// device's reply or with an error that Status knows (ErrNoHost when no
+	// node has a host).
+	Remote func(ctx context.Context, x *Exchange) (*Answer, error)
 }
 
 // Proxy relays HTTP requests to hosts. Set its fields before serving; zero
@@ -259,15 +266,37 @@ func (p *Proxy) roundTrip(w http.ResponseWriter, r *http.Request) (string, *resp
 			return id, nil, ErrBodyBroken
 		}
 	}
+	if t.Remote != nil {
+		ctx, cancel := context.WithTimeout(r.Context(), p.Timeout+remoteSlack)
+		defer cancel()
+		a, err := t.Remote(ctx, &Exchange{Method: r.Method, Path: t.Path, Query: t.Query, Header: r.Header, Body: body, Client: t.Client})
+		if errors.Is(err, context.DeadlineExceeded) && r.Context().Err() == nil {
+			err = ErrTimeout
+		}
+		if err != nil {
+			return id, nil, err
+		}
+		return id, &response{status: a.Status, header: a.Header, body: a.Body}, nil
+	}
+	resp, err := p.exchange(r.Context(), t, r.Method, r.Header, body)
+	return id, resp, err
+}
+
+// remoteSlack is how much longer than Timeout a request to another node
+// waits: that node times the device out first and says so.
+const remoteSlack = 2 * time.Second
+
+// exchange sends a request frame to t.Host and waits for its reply.
+func (p *Proxy) exchange(ctx context.Context, t *Target, method string, header http.Header, body []byte) (*response, error) {
 	rid := newRID()
-	data, err := encodeRequest(rid.String(), r.Method, t.Path, t.Query, r.Header, body)
+	data, err := encodeRequest(rid.String(), method, t.Path, t.Query, header, body)
 	if err != nil {
-		return id, nil, err
+		return nil, err
 	}
 	body = nil // the frame carries it now
 	n := int64(len(data))
 	if err := p.mem.charge(t.Client, n); err != nil {
-		return id, nil, err
+		return nil, err
 	}
 	frame := &Frame{Data: data, release: func() { p.mem.release(t.Client, n) }}
 	// However the request ends, its frame is never written after that, and
@@ -286,7 +315,7 @@ func (p *Proxy) roundTrip(w http.ResponseWriter, r *http.Request) (string, *resp
 	room := p.room(t.Reg)
 	pend := &pending{host: t.Host, reply: make(chan outcome, 1)}
 	if err := room.add(rid, pend, p.MaxPending, p.Now()); err != nil {
-		return id, nil, err
+		return nil, err
 	}
 	// The linger counts from the request's end, so the time is taken then.
 	defer func() { room.finish(rid, p.Now()) }()
@@ -301,7 +330,7 @@ func (p *Proxy) roundTrip(w http.ResponseWriter, r *http.Request) (string, *resp
 		room.failHost(t.Host)
 	}
 	if sent = t.Host.SendFrame(frame); !sent {
-		return id, nil, ErrHostBusy
+		return nil, ErrHostBusy
 	}
 
 	timer := time.NewTimer(p.Timeout)
@@ -309,14 +338,13 @@ func (p *Proxy) roundTrip(w http.ResponseWriter, r *http.Request) (string, *resp
 	select {
 	case out := <-pend.reply:
 		if out.err != nil {
-			return id, nil, out.err
+			return nil, out.err
 		}
-		resp, err := parseReply(out.reply, p.MaxBody)
-		return id, resp, err
+		return parseReply(out.reply, p.MaxBody)
 	case <-timer.C:
-		return id, nil, ErrTimeout
-	case <-r.Context().Done():
-		return id, nil, r.Context().Err()
+		return nil, ErrTimeout
+	case <-ctx.Done():
+		return nil, ctx.Err()
 	}
 }
 

@@ -1,0 +1,282 @@
+package cluster
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"wsrouter/registry"
+)
+
+// This file is the node as the registry's Broker: interest by presence,
+// and messages between nodes.
+
+// regState is what the node keeps of one registration id: its members
+// here, the other nodes that have members, and its subscription.
+type regState struct {
+	id      string
+	subject string // "{prefix}.m.{enc(id)}"
+
+	// remote counts the other live nodes with members; Publish reads it
+	// without a lock.
+	remote atomic.Int32
+	// reg is the registration this node's members are in, for delivery
+	// of other nodes' messages.
+	reg atomic.Pointer[registry.Registration]
+
+	// op serializes the network side: subscribing, unsubscribing and
+	// writing presence.
+	op  sync.Mutex
+	sub *nats.Subscription // guarded by op
+	// announced: this node's presence key is written (or will be, once
+	// NATS is back).
+	announced bool // guarded by op
+
+	local int // guarded by Node.mu; members here (Attach less Detach)
+}
+
+// state returns the state of id, made if need be.
+func (n *Node) state(id string) *regState {
+	if v, ok := n.states.Load(id); ok {
+		return v.(*regState)
+	}
+	st := &regState{id: id, subject: n.prefix + ".m." + enc(id)}
+	v, _ := n.states.LoadOrStore(id, st)
+	return v.(*regState)
+}
+
+// forgetStateLocked drops st once nothing refers to it any more.
+func (n *Node) forgetStateLocked(st *regState) {
+	if st.local == 0 && len(n.presence[st.id]) == 0 {
+		n.states.CompareAndDelete(st.id, st)
+	}
+}
+
+// A message between nodes: a fixed header, the pub/sub event, the data.
+//
+//	0      kind (kindMessage)
+//	1      the sender's role
+//	2      flags (flagBinary)
+//	3..10  the registration's generation, little-endian
+//	11     length of the event
+//	12..   the event, then the data
+const (
+	kindMessage = 1
+	flagBinary  = 1
+	headerLen   = 12
+)
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+// Publish implements registry.Broker: this node's receivers directly, and
+// once to NATS when another node has members of reg. Per sender, messages
+// leave in order on the node's one connection, and each node's
+// subscription delivers them in order.
+func (n *Node) Publish(reg *registry.Registration, from registry.Member, role registry.Role, msg registry.Message) int {
+	delivered := reg.Deliver(from, role, msg)
+	v, ok := n.states.Load(reg.ID)
+	if !ok || v.(*regState).remote.Load() == 0 {
+		return delivered
+	}
+	st := v.(*regState)
+	bp := bufPool.Get().(*[]byte)
+	b := append((*bp)[:0], kindMessage, byte(role), 0)
+	if msg.Binary {
+		b[2] |= flagBinary
+	}
+	b = binary.LittleEndian.AppendUint64(b, reg.Generation)
+	b = append(b, byte(len(msg.Event)))
+	b = append(b, msg.Event...)
+	b = append(b, msg.Data...)
+	// Publish copies b into the connection's buffer, or into its
+	// reconnect buffer while NATS is away (at most once, then); past that
+	// buffer the message is lost to the other nodes, and counted.
+	if err := n.nc.Publish(st.subject, b); err != nil {
+		n.dropped.Add(1)
+	}
+	if cap(b) <= 1<<20 {
+		*bp = b
+		bufPool.Put(bp)
+	}
+	return delivered
+}
+
+// receive delivers another node's message to this node's members.
+func (st *regState) receive(m *nats.Msg) {
+	d := m.Data
+	if len(d) < headerLen || d[0] != kindMessage {
+		return
+	}
+	reg := st.reg.Load()
+	if reg == nil || reg.Generation != binary.LittleEndian.Uint64(d[3:11]) {
+		return // another generation of the id, or none here any more
+	}
+	el := int(d[11])
+	if len(d) < headerLen+el {
+		return
+	}
+	msg := registry.Message{Binary: d[2]&flagBinary != 0, Event: string(d[headerLen : headerLen+el]), Data: d[headerLen+el:]}
+	reg.Deliver(nil, registry.Role(d[1]), msg)
+}
+
+// Attach implements registry.Broker. The first member here subscribes to
+// reg's subject, announces this node's presence and then bumps the record's
+// revision (so that a garbage collection decided elsewhere before it saw the
+// presence fails); the subscription is confirmed by the server before that
+// returns. Cut from NATS, a node still admits members of the registrations
+// it knows; it announces them when NATS is back.
+func (n *Node) Attach(reg *registry.Registration) error {
+	st := n.state(reg.ID)
+	st.op.Lock()
+	defer st.op.Unlock()
+	n.mu.Lock()
+	st.local++
+	n.mu.Unlock()
+	st.reg.Store(reg)
+	if st.sub != nil && st.announced {
+		return nil
+	}
+	err := n.announce(st, reg)
+	if err != nil {
+		n.mu.Lock()
+		st.local--
+		n.mu.Unlock()
+		n.withdrawIfIdle(st)
+	}
+	return err
+}
+
+// announce subscribes st (if it is not) and writes this node's presence and
+// the touch, with st.op held.
+func (n *Node) announce(st *regState, reg *registry.Registration) error {
+	if st.sub == nil {
+		sub, err := n.nc.Subscribe(st.subject, st.receive)
+		if err != nil {
+			return fmt.Errorf("subscribe: %w: %w", registry.ErrStore, err)
+		}
+		st.sub = sub
+	}
+	st.announced = true
+	if !n.nc.IsConnected() {
+		return nil // the reconnect's resync announces it
+	}
+	ctx, cancel := n.opCtx()
+	defer cancel()
+	if _, err := n.kv.Put(ctx, n.presenceKey(st.id), nil); err != nil {
+		n.log.Warn("cluster: presence not written; it will be on resync", "reg", st.id, "err", err)
+		return nil
+	}
+	return n.touch(ctx, reg)
+}
+
+// touch bumps the record's revision, keeping its value. It fails with
+// ErrNotFound if the record is gone (or is another generation's).
+func (n *Node) touch(ctx context.Context, reg *registry.Registration) error {
+	n.mu.Lock()
+	cur, ok := n.recs[reg.ID]
+	n.mu.Unlock()
+	for try := 0; try < 5; try++ {
+		if !ok || cur.gen != reg.Generation {
+			e, gen, found, err := n.current(ctx, reg.ID)
+			if err != nil {
+				n.log.Warn("cluster: record not touched", "reg", reg.ID, "err", err)
+				return nil
+			}
+			if !found || gen != reg.Generation {
+				return fmt.Errorf("touch %s: %w", reg.ID, registry.ErrNotFound)
+			}
+			cur = recEntry{rev: e.Revision(), gen: gen, value: e.Value()}
+		}
+		rev, err := n.kv.Update(ctx, recKey(reg.ID), cur.value, cur.rev)
+		if err == nil {
+			n.sawRecord(reg.ID, rev, cur.gen, cur.value)
+			return nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !errors.Is(err, jetstream.ErrKeyExists) {
+			n.log.Warn("cluster: record not touched", "reg", reg.ID, "err", err)
+			return nil
+		}
+		ok = false // read it again
+	}
+	return nil
+}
+
+// Detach implements registry.Broker. It never waits for the network: the
+// last member here leaving withdraws the node's interest in the background.
+func (n *Node) Detach(reg *registry.Registration) {
+	v, ok := n.states.Load(reg.ID)
+	if !ok {
+		return
+	}
+	st := v.(*regState)
+	n.mu.Lock()
+	st.local--
+	idle := st.local == 0
+	n.mu.Unlock()
+	if idle {
+		go n.withdrawIfIdle(st)
+	}
+}
+
+// withdrawIfIdle unsubscribes and deletes this node's presence once st has
+// no members here.
+func (n *Node) withdrawIfIdle(st *regState) {
+	st.op.Lock()
+	defer st.op.Unlock()
+	n.mu.Lock()
+	if st.local > 0 {
+		n.mu.Unlock()
+		return
+	}
+	n.forgetStateLocked(st)
+	n.mu.Unlock()
+	if st.sub != nil {
+		st.sub.Unsubscribe()
+		st.sub = nil
+	}
+	if st.announced {
+		st.announced = false
+		if n.nc.IsConnected() {
+			ctx, cancel := n.opCtx()
+			defer cancel()
+			n.kv.Delete(ctx, n.presenceKey(st.id))
+		}
+	}
+}
+
+func (n *Node) presenceKey(id string) string { return "p." + enc(id) + "." + n.id }
+
+// reannounce writes the presence of every registration with members here,
+// after a reconnect, and deletes this node's presence keys (in own) that it
+// withdrew while it could not write.
+func (n *Node) reannounce(ctx context.Context, own map[string]bool) {
+	n.states.Range(func(_, v any) bool {
+		st := v.(*regState)
+		st.op.Lock()
+		if st.announced {
+			delete(own, st.id)
+			if _, err := n.kv.Put(ctx, n.presenceKey(st.id), nil); err != nil {
+				n.log.Warn("cluster: presence not written", "reg", st.id, "err", err)
+			}
+		}
+		st.op.Unlock()
+		return ctx.Err() == nil
+	})
+	for id := range own {
+		st := n.state(id)
+		st.op.Lock()
+		if !st.announced {
+			n.kv.Delete(ctx, n.presenceKey(id))
+		}
+		st.op.Unlock()
+		n.mu.Lock()
+		n.forgetStateLocked(st)
+		n.mu.Unlock()
+	}
+}

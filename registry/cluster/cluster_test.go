@@ -1,0 +1,214 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"wsrouter/registry"
+	"wsrouter/registry/cluster/clustertest"
+	"wsrouter/registry/storetest"
+)
+
+const testTimeout = 20 * time.Second
+
+var bucketSeq atomic.Int64
+
+// dial connects a node to a fresh cluster name, or to name if given.
+func dial(t *testing.T, ns *clustertest.NATS, name string) *Node {
+	t.Helper()
+	if name == "" {
+		name = fmt.Sprint("t", bucketSeq.Add(1))
+	}
+	n, err := Dial(context.Background(), Config{
+		URLs: ns.URL(), Name: name, OpTimeout: 2 * time.Second,
+		Heartbeat: 300 * time.Millisecond, DeadAfter: 2 * time.Second,
+		Log: slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
+}
+
+// TestStore: the bucket passes the store conformance suite.
+func TestStore(t *testing.T) {
+	ns := clustertest.Start(t)
+	storetest.Run(t, func(t *testing.T) registry.Store { return dial(t, ns, "") })
+}
+
+// TestSecret: of two nodes making the token key at once, both end with the
+// one kept first.
+func TestSecret(t *testing.T) {
+	ns := clustertest.Start(t)
+	a := dial(t, ns, "")
+	b := dial(t, ns, a.cfg.Name)
+	var wg sync.WaitGroup
+	got := make([][]byte, 2)
+	for i, n := range []*Node{a, b} {
+		wg.Go(func() {
+			v, err := n.Secret("token_key", func() ([]byte, error) { return []byte(fmt.Sprint("made by ", i)), nil })
+			if err != nil {
+				t.Error(err)
+			}
+			got[i] = v
+		})
+	}
+	wg.Wait()
+	if string(got[0]) != string(got[1]) || len(got[0]) == 0 {
+		t.Fatalf("two nodes' secrets: %q and %q, want one", got[0], got[1])
+	}
+}
+
+// member is a registry.Member that records what it gets.
+type member struct {
+	id     string
+	msgs   chan registry.Message
+	closed chan int
+}
+
+func newMember(id string) *member {
+	return &member{id: id, msgs: make(chan registry.Message, 4096), closed: make(chan int, 1)}
+}
+
+func (m *member) ID() string                { return m.id }
+func (m *member) Send(msg registry.Message) { m.msgs <- msg }
+func (m *member) Close(code int, _ string) {
+	select {
+	case m.closed <- code:
+	default:
+	}
+}
+
+// node is a registry on a cluster node, with its removals.
+type node struct {
+	*Node
+	r       *registry.Registry
+	removed chan registry.Cause
+}
+
+func startNodes(t *testing.T, ns *clustertest.NATS, count int, grace time.Duration) []*node {
+	t.Helper()
+	name := fmt.Sprint("t", bucketSeq.Add(1))
+	out := make([]*node, count)
+	for i := range out {
+		cn := &node{Node: dial(t, ns, name), removed: make(chan registry.Cause, 100)}
+		cn.r = registry.New(registry.Config{
+			BcryptCost: 4, GCGrace: grace, Store: cn.Node, Broker: cn.Node,
+			Observers: []registry.Observer{func(ev registry.Event) {
+				if ev.Kind == registry.EventRemove {
+					cn.removed <- ev.Cause
+				}
+			}},
+		})
+		ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+		if err := cn.Start(ctx, cn.r); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		out[i] = cn
+	}
+	return out
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(testTimeout)
+	for wait := 5 * time.Millisecond; !cond(); wait = min(2*wait, 100*time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(wait)
+	}
+}
+
+func get(t *testing.T, n *node, id string) *registry.Registration {
+	t.Helper()
+	var reg *registry.Registration
+	waitUntil(t, "registration "+id, func() bool {
+		var err error
+		reg, err = n.r.Get(id)
+		return err == nil
+	})
+	return reg
+}
+
+// TestDeadNodeStopsCounting: a node that dies without a word (its
+// connection cut, its keys left behind) stops keeping a registration alive
+// within DeadAfter; the survivor then collects it, once.
+func TestDeadNodeStopsCounting(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := startNodes(t, ns, 2, 200*time.Millisecond)
+	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	regB := get(t, n[1], reg.ID)
+	a, b := newMember("a"), newMember("b")
+	if err := reg.Join(a, registry.RoleMember); err != nil {
+		t.Fatal(err)
+	}
+	if err := regB.Join(b, registry.RoleMember); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "A to see B's member", func() bool { return n[0].Elsewhere(reg.ID) })
+	reg.Leave(a, registry.Closure{Code: 1000})
+	waitUntil(t, "A's collection to defer to B", func() bool { return n[0].Deferred() > 0 })
+	if reg.Removed() {
+		t.Fatal("removed while B has a member")
+	}
+
+	// B dies: no goodbye, its heartbeat and presence keys stay.
+	died := time.Now()
+	n[1].cancel()
+	n[1].nc.Close()
+	select {
+	case c := <-n[0].removed:
+		if c != registry.CauseGC {
+			t.Fatalf("removed with %v, want gc", c)
+		}
+	case <-time.After(testTimeout):
+		t.Fatal("a dead node's member kept the registration alive")
+	}
+	if d := time.Since(died); d > 15*time.Second {
+		t.Fatalf("removed %v after the node died, want within 15 s", d)
+	}
+}
+
+// TestIdleDeleteRefusesAJoinElsewhere: a garbage collection decided before
+// a join on another node was seen cannot remove the registration.
+func TestIdleDeleteRefusesAJoinElsewhere(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := startNodes(t, ns, 2, time.Hour)
+	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	regB := get(t, n[1], reg.ID)
+	// A looks at the record's revision, then B's member joins (its
+	// presence, then the touch); A's watch may not have seen either when
+	// A deletes: the delete, conditional on the revision A saw, fails.
+	n[0].mu.Lock()
+	seen := n[0].recs[reg.ID]
+	n[0].mu.Unlock()
+	if err := regB.Join(newMember("b"), registry.RoleMember); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	err = n[0].kv.Delete(ctx, recKey(reg.ID), jetstream.LastRevision(seen.rev))
+	if err == nil {
+		t.Fatal("a delete at the revision seen before B's join went through")
+	}
+	if err := n[0].DeleteIdle(ctx, reg.Ref()); !errors.Is(err, registry.ErrInUse) {
+		t.Fatalf("DeleteIdle with a member on B: %v, want ErrInUse", err)
+	}
+}

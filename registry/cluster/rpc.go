@@ -1,0 +1,140 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+
+	"github.com/nats-io/nats.go"
+
+	"wsrouter/registry"
+)
+
+// This file carries requests about one registration to the nodes that have
+// members of it: each node listens on its own subject, and the router
+// registers what it answers (members, a relay to a host, …).
+
+// Handler answers a request about reg from another node. Its error's text
+// goes back to the asker; ErrNoOne means "nothing of that here".
+type Handler func(ctx context.Context, reg *registry.Registration, body []byte) ([]byte, error)
+
+// ErrNoOne is a handler's answer that it has nothing for the request (no
+// host, no such member).
+var ErrNoOne = errors.New("none here")
+
+// ErrCut is Ask's error while the node is cut off from the cluster.
+var ErrCut = errors.New("cut off from the cluster")
+
+// Handle registers h for method. Call it before Start.
+func (n *Node) Handle(method string, h Handler) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.handlers[method] = h
+}
+
+// Request and answer headers.
+const (
+	hdrMethod = "Wsr-Method"
+	hdrReg    = "Wsr-Reg"
+	hdrGen    = "Wsr-Gen"
+	hdrError  = "Wsr-Error"
+	noOne     = "none"
+)
+
+// serveRequest answers another node's request, each on a goroutine of its
+// own: a relay waits for a device.
+func (n *Node) serveRequest(m *nats.Msg) {
+	go func() {
+		reply := nats.NewMsg(m.Reply)
+		body, err := n.answer(m)
+		switch {
+		case errors.Is(err, ErrNoOne):
+			reply.Header.Set(hdrError, noOne)
+		case err != nil:
+			reply.Header.Set(hdrError, err.Error())
+		default:
+			reply.Data = body
+		}
+		if m.Reply != "" {
+			n.nc.PublishMsg(reply)
+		}
+	}()
+}
+
+func (n *Node) answer(m *nats.Msg) ([]byte, error) {
+	n.mu.Lock()
+	h := n.handlers[m.Header.Get(hdrMethod)]
+	n.mu.Unlock()
+	if h == nil {
+		return nil, fmt.Errorf("no method %q", m.Header.Get(hdrMethod))
+	}
+	gen, _ := strconv.ParseUint(m.Header.Get(hdrGen), 10, 64)
+	reg, err := n.registry.Load().Get(m.Header.Get(hdrReg))
+	if err != nil || reg.Generation != gen {
+		return nil, ErrNoOne
+	}
+	return h(n.ctx, reg, m.Data)
+}
+
+// Answer is one node's answer to Ask.
+type Answer struct {
+	Node string
+	Body []byte
+	// Err is the node's error (ErrNoOne when it had nothing), or the
+	// request's (a timeout, NATS away).
+	Err error
+}
+
+// Ask sends a request about reg to every live other node with members of
+// it, at once, and returns their answers when all have come or ctx ended.
+func (n *Node) Ask(ctx context.Context, reg *registry.Registration, method string, body []byte) []Answer {
+	peers := n.Peers(reg.ID)
+	out := make([]Answer, len(peers))
+	var wg sync.WaitGroup
+	for i, peer := range peers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b, err := n.AskNode(ctx, peer, reg, method, body)
+			out[i] = Answer{Node: peer, Body: b, Err: err}
+		}()
+	}
+	wg.Wait()
+	return out
+}
+
+// AskNode sends a request about reg to one node and waits for its answer
+// until ctx ends.
+func (n *Node) AskNode(ctx context.Context, node string, reg *registry.Registration, method string, body []byte) ([]byte, error) {
+	if n.Degraded() {
+		return nil, ErrCut
+	}
+	m := nats.NewMsg(n.prefix + ".n." + node)
+	m.Header.Set(hdrMethod, method)
+	m.Header.Set(hdrReg, reg.ID)
+	m.Header.Set(hdrGen, strconv.FormatUint(reg.Generation, 10))
+	m.Data = body
+	if int64(len(body))+1024 > n.nc.MaxPayload() {
+		return nil, ErrTooLarge
+	}
+	r, err := n.nc.RequestMsgWithContext(ctx, m)
+	if err != nil {
+		if errors.Is(err, nats.ErrNoResponders) {
+			return nil, ErrNoOne // the node is gone
+		}
+		return nil, err
+	}
+	switch e := r.Header.Get(hdrError); e {
+	case "":
+		return r.Data, nil
+	case noOne:
+		return nil, ErrNoOne
+	default:
+		return nil, errors.New(e)
+	}
+}
+
+// ErrTooLarge means a request does not fit in one NATS message.
+var ErrTooLarge = errors.New("too large for the cluster's NATS messages")

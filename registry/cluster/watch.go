@@ -1,0 +1,385 @@
+package cluster
+
+import (
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go/jetstream"
+
+	"wsrouter/registry"
+)
+
+// This file keeps the node's view of the bucket current: records become
+// live registrations and tombstones removals, presence keys count other
+// nodes' members, heartbeats tell live nodes from dead ones.
+
+// watch follows the whole bucket, from its current state on. Whenever NATS
+// comes back it starts again: the new watch's first pass is the bucket as
+// it is, and what this node holds that the bucket no longer has was
+// removed meanwhile.
+func (n *Node) watch(synced chan<- struct{}) {
+	defer n.wg.Done()
+	first := true
+	wait := 100 * time.Millisecond
+	for n.ctx.Err() == nil {
+		switch n.watchOnce(&first, synced) {
+		case watchResync:
+			wait = 100 * time.Millisecond
+			continue
+		case watchEnded:
+			wait = 100 * time.Millisecond
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.resync:
+		case <-time.After(wait):
+			wait = min(2*wait, 2*time.Second)
+		}
+	}
+}
+
+// How a watch ended.
+const (
+	watchFailed = iota // it never caught up
+	watchEnded         // it caught up, then the watcher closed
+	watchResync        // NATS came back: start again at once
+)
+
+// watchOnce runs one watch until it ends or a resync is asked for.
+func (n *Node) watchOnce(first *bool, synced chan<- struct{}) int {
+	w, err := n.kv.WatchAll(n.ctx)
+	if err != nil {
+		if n.ctx.Err() == nil {
+			n.log.Warn("cluster: watch failed", "err", err)
+		}
+		return watchFailed
+	}
+	defer func() {
+		w.Stop()
+		for range w.Updates() { // until the watcher closes it
+		}
+	}()
+	pass := &firstPass{recs: make(map[string]bool), presence: make(map[string]map[string]struct{}), own: make(map[string]bool)}
+	for {
+		select {
+		case <-n.ctx.Done():
+			return watchEnded
+		case <-n.resync:
+			// NATS came back: the watch may have missed what happened
+			// meanwhile. Start again from the bucket's state.
+			n.synced.Store(false)
+			return watchResync
+		case e, ok := <-w.Updates():
+			if !ok {
+				n.synced.Store(false)
+				if pass == nil {
+					return watchEnded
+				}
+				return watchFailed
+			}
+			if e == nil {
+				if pass != nil {
+					n.caughtUp(pass)
+					pass = nil
+					if *first {
+						*first = false
+						close(synced)
+					}
+				}
+				continue
+			}
+			n.apply(e, pass)
+		}
+	}
+}
+
+// firstPass is what a watch's first pass (the bucket as it is) saw.
+type firstPass struct {
+	recs     map[string]bool                // live record ids
+	presence map[string]map[string]struct{} // id → other nodes with members
+	own      map[string]bool                // ids with this node's presence key
+}
+
+// apply takes one entry of the bucket into the node's view.
+// pass is nil once the first pass is over.
+func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
+	key := e.Key()
+	deleted := e.Operation() != jetstream.KeyValuePut
+	switch {
+	case strings.HasPrefix(key, "r."):
+		id, ok := dec(key[2:])
+		if !ok {
+			return
+		}
+		if deleted {
+			n.recordGone(id, e.Revision())
+			return
+		}
+		rec, err := decodeRecord(e.Value())
+		if err != nil || rec.ID != id {
+			n.log.Error("cluster: skipping a bad record", "key", key, "err", err)
+			return
+		}
+		if pass != nil {
+			pass.recs[id] = true
+		}
+		n.sawRecord(id, e.Revision(), rec.Generation, e.Value())
+		n.recordLive(rec)
+	case strings.HasPrefix(key, "p."):
+		encID, node, ok := strings.Cut(key[2:], ".")
+		id, okID := dec(encID)
+		if !ok || !okID {
+			return
+		}
+		if node == n.id {
+			if pass != nil && !deleted {
+				pass.own[id] = true
+			}
+			return
+		}
+		if pass != nil && !deleted {
+			if pass.presence[id] == nil {
+				pass.presence[id] = make(map[string]struct{})
+			}
+			pass.presence[id][node] = struct{}{}
+		}
+		n.setPresence(id, node, !deleted)
+	case strings.HasPrefix(key, "n."):
+		node := key[2:]
+		if node == n.id {
+			return
+		}
+		if deleted {
+			n.nodeDied(node)
+			return
+		}
+		n.mu.Lock()
+		n.nodes[node] = time.Now()
+		n.mu.Unlock()
+	}
+}
+
+// recordLive makes rec's registration live here, replacing an older
+// generation under its id.
+func (n *Node) recordLive(rec registry.Record) {
+	r := n.registry.Load()
+	if cur, err := r.Get(rec.ID); err == nil {
+		if cur.Generation == rec.Generation {
+			return
+		}
+		r.Vanish(cur.Ref())
+	}
+	// ErrExists: this node is creating it right now.
+	r.Restore([]registry.Record{rec})
+}
+
+// recordGone follows a tombstone: the registration is removed here too.
+func (n *Node) recordGone(id string, rev uint64) {
+	n.mu.Lock()
+	cur, ok := n.recs[id]
+	if ok && cur.rev < rev {
+		delete(n.recs, id)
+	}
+	n.mu.Unlock()
+	if !ok {
+		return
+	}
+	n.registry.Load().Vanish(registry.Ref{ID: id, Generation: cur.gen})
+}
+
+// caughtUp ends a watch's first pass: what this node holds that the bucket
+// does not was removed while it was not watching, and presence it counted
+// that the bucket no longer has is gone.
+func (n *Node) caughtUp(pass *firstPass) {
+	r := n.registry.Load()
+	var gone []registry.Ref
+	r.Each(func(reg *registry.Registration) {
+		if !pass.recs[reg.ID] {
+			gone = append(gone, reg.Ref())
+		}
+	})
+	n.mu.Lock()
+	for id := range n.recs {
+		if !pass.recs[id] {
+			delete(n.recs, id)
+		}
+	}
+	var stale [][2]string
+	for id, nodes := range n.presence {
+		for node := range nodes {
+			if _, ok := pass.presence[id][node]; !ok {
+				stale = append(stale, [2]string{id, node})
+			}
+		}
+	}
+	// Every node gets a full DeadAfter to be heard again: while this one
+	// was away it heard nobody.
+	now := time.Now()
+	for node := range n.nodes {
+		n.nodes[node] = now
+	}
+	n.mu.Unlock()
+	for _, ref := range gone {
+		r.Vanish(ref)
+	}
+	for _, s := range stale {
+		n.setPresence(s[0], s[1], false)
+	}
+	ctx, cancel := n.opCtx()
+	n.reannounce(ctx, pass.own)
+	cancel()
+	n.synced.Store(true)
+	n.log.Info("cluster: in sync", "registrations", r.Len())
+}
+
+// setPresence records that node has (or no longer has) members of id, and
+// tells the registration when the last other node leaves it.
+func (n *Node) setPresence(id, node string, here bool) {
+	n.mu.Lock()
+	nodes := n.presence[id]
+	_, had := nodes[node]
+	if here == had {
+		n.mu.Unlock()
+		return
+	}
+	if here {
+		if nodes == nil {
+			nodes = make(map[string]struct{})
+			n.presence[id] = nodes
+		}
+		nodes[node] = struct{}{}
+		if _, known := n.nodes[node]; !known {
+			// Heard of before its heartbeat: it has DeadAfter to beat.
+			n.nodes[node] = time.Now()
+		}
+	} else {
+		delete(nodes, node)
+		if len(nodes) == 0 {
+			delete(n.presence, id)
+		}
+	}
+	st := n.state(id)
+	live := n.liveElsewhereLocked(id)
+	st.remote.Store(int32(live))
+	if live == 0 {
+		n.forgetStateLocked(st)
+	}
+	n.mu.Unlock()
+	if live == 0 {
+		n.vacated(id)
+	}
+}
+
+// liveElsewhereLocked counts the live other nodes with members of id.
+func (n *Node) liveElsewhereLocked(id string) int {
+	live := 0
+	deadline := time.Now().Add(-n.cfg.DeadAfter)
+	for node := range n.presence[id] {
+		if seen, ok := n.nodes[node]; ok && seen.After(deadline) {
+			live++
+		}
+	}
+	return live
+}
+
+// vacated tells the registration id that no other node has members of it.
+func (n *Node) vacated(id string) {
+	if reg, err := n.registry.Load().Get(id); err == nil {
+		reg.Vacated()
+	}
+}
+
+// nodeDied forgets node: its members stop counting, and its keys are
+// deleted (by every node that notices; deleting twice is harmless).
+func (n *Node) nodeDied(node string) {
+	n.mu.Lock()
+	if _, ok := n.nodes[node]; !ok {
+		n.mu.Unlock()
+		return
+	}
+	delete(n.nodes, node)
+	var ids []string
+	for id, nodes := range n.presence {
+		if _, ok := nodes[node]; ok {
+			ids = append(ids, id)
+		}
+	}
+	n.mu.Unlock()
+	n.log.Info("cluster: node gone", "peer", node, "registrations", len(ids))
+	for _, id := range ids {
+		n.setPresence(id, node, false)
+	}
+	go func() {
+		ctx, cancel := n.opCtx()
+		defer cancel()
+		for _, id := range ids {
+			n.kv.Delete(ctx, "p."+enc(id)+"."+node)
+		}
+		n.kv.Delete(ctx, "n."+node)
+	}()
+}
+
+// beat writes the node's heartbeat every Heartbeat and declares dead the
+// nodes not heard of for DeadAfter.
+func (n *Node) beat() {
+	defer n.wg.Done()
+	t := time.NewTicker(n.cfg.Heartbeat)
+	defer t.Stop()
+	for {
+		if n.nc.IsConnected() {
+			ctx, cancel := n.opCtx()
+			if _, err := n.kv.Put(ctx, "n."+n.id, []byte(time.Now().UTC().Format(time.RFC3339))); err != nil && n.ctx.Err() == nil {
+				n.log.Warn("cluster: heartbeat not written", "err", err)
+			}
+			cancel()
+		}
+		if !n.Degraded() {
+			// Only a node that hears the cluster may judge others silent.
+			deadline := time.Now().Add(-n.cfg.DeadAfter)
+			var dead []string
+			n.mu.Lock()
+			for node, seen := range n.nodes {
+				if seen.Before(deadline) {
+					dead = append(dead, node)
+				}
+			}
+			n.mu.Unlock()
+			for _, node := range dead {
+				n.nodeDied(node)
+			}
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// Elsewhere reports whether a live other node has members of id.
+func (n *Node) Elsewhere(id string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.liveElsewhereLocked(id) > 0
+}
+
+// Peers returns the live other nodes with members of id.
+func (n *Node) Peers(id string) []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	deadline := time.Now().Add(-n.cfg.DeadAfter)
+	var out []string
+	for node := range n.presence[id] {
+		if seen, ok := n.nodes[node]; ok && seen.After(deadline) {
+			out = append(out, node)
+		}
+	}
+	return out
+}
+
+var _ interface {
+	registry.Store
+	registry.IdleDeleter
+	registry.Broker
+} = (*Node)(nil)

@@ -1,0 +1,225 @@
+package router
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"math/rand/v2"
+	"net/http"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"wsrouter/registry"
+	"wsrouter/registry/cluster"
+	"wsrouter/router/relay"
+)
+
+// This file is what the router does across the nodes of a cluster
+// (docs/protocol.md §15) beyond the registry's Store and Broker, which carry
+// registrations and members' messages: the requests that need another
+// node's members — a relay to a host there, /members, /send and DELETE
+// /member — and what a node cut off from the others refuses.
+
+// errCut is a request this node cannot answer while it is cut off from the
+// cluster: 503.
+var errCut = errors.New("cut off from the cluster")
+
+// askTimeout bounds the backend API's requests to other nodes.
+const askTimeout = 3 * time.Second
+
+// cut reports whether this node is a cluster node cut off from the others.
+func (rt *Router) cut() bool {
+	return rt.cfg.Cluster != nil && rt.cfg.Cluster.Degraded()
+}
+
+// clusterUp registers what this node answers for the others, and the
+// cluster's metrics.
+func (rt *Router) clusterUp(c *cluster.Node) {
+	c.Handle("relay", rt.answerRelay)
+	c.Handle("members", rt.answerMembers)
+	c.Handle("send", rt.answerSend)
+	c.Handle("close", rt.answerClose)
+	rt.metrics.prom.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "wsrouter_cluster_gc_deferred_total",
+		Help: "Garbage collections of a registration this node left to another node that has members of it.",
+	}, func() float64 { return float64(c.Deferred()) }))
+	rt.metrics.prom.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "wsrouter_cluster_dropped_total",
+		Help: "Messages between nodes lost: not sent while NATS was away past the client's reconnect buffer, or not taken in by a subscription too far behind.",
+	}, func() float64 { return float64(c.Dropped()) }))
+	rt.metrics.prom.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "wsrouter_cluster_degraded",
+		Help: "1 while this node is cut off from the cluster's NATS (or catching up after it), else 0.",
+	}, func() float64 {
+		if c.Degraded() {
+			return 1
+		}
+		return 0
+	}))
+}
+
+// remoteRelay is the Remote of a relay target with no host on this node:
+// the request goes to the nodes with members of the registration, one at
+// a time in random order, until one has a host.
+func (rt *Router) remoteRelay(reg *registry.Registration) func(ctx context.Context, x *relay.Exchange) (*relay.Answer, error) {
+	return func(ctx context.Context, x *relay.Exchange) (*relay.Answer, error) {
+		c := rt.cfg.Cluster
+		if c.Degraded() {
+			return nil, errCut
+		}
+		body, err := x.Encode()
+		if err != nil {
+			return nil, err
+		}
+		peers := c.Peers(reg.ID)
+		rand.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
+		for _, peer := range peers {
+			b, err := c.AskNode(ctx, peer, reg, "relay", body)
+			switch {
+			case errors.Is(err, cluster.ErrNoOne):
+				continue // no host there: nothing was sent to a device
+			case errors.Is(err, cluster.ErrTooLarge):
+				return nil, relay.ErrTooLarge
+			case err != nil:
+				return nil, err
+			}
+			a, err := relay.DecodeAnswer(b)
+			if err != nil {
+				return nil, relay.ErrBadReply
+			}
+			if err := a.Err(); err != nil {
+				return nil, err
+			}
+			return a, nil
+		}
+		return nil, relay.ErrNoHost
+	}
+}
+
+// answerRelay makes another node's relay request with a host here.
+func (rt *Router) answerRelay(ctx context.Context, reg *registry.Registration, body []byte) ([]byte, error) {
+	host, _ := reg.PickHost().(relay.Host)
+	if host == nil {
+		return nil, cluster.ErrNoOne
+	}
+	x, err := relay.DecodeExchange(body)
+	if err != nil {
+		return nil, err
+	}
+	a := rt.relay.ServeRemote(ctx, reg, host, x)
+	b, err := a.Encode()
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b))+1024 > rt.cfg.Cluster.MaxPayload() {
+		// Larger than a NATS message: the caller gets a 502.
+		return (&relay.Answer{Error: "bad_reply"}).Encode()
+	}
+	return b, nil
+}
+
+// clusterMembers adds the members on other nodes to local, for /members.
+func (rt *Router) clusterMembers(ctx context.Context, reg *registry.Registration, local []memberJSON) []memberJSON {
+	ctx, cancel := context.WithTimeout(ctx, askTimeout)
+	defer cancel()
+	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, "members", nil) {
+		var ms []memberJSON
+		if a.Err != nil || json.Unmarshal(a.Body, &ms) != nil {
+			if !errors.Is(a.Err, cluster.ErrNoOne) {
+				rt.logs.info("cluster", "a node's members are missing", "reg", reg.ID, "peer", a.Node, "err", a.Err)
+			}
+			continue
+		}
+		local = append(local, ms...)
+	}
+	slices.SortFunc(local, func(a, b memberJSON) int { return a.ConnectedAt.Compare(b.ConnectedAt) })
+	return local
+}
+
+func (rt *Router) answerMembers(_ context.Context, reg *registry.Registration, _ []byte) ([]byte, error) {
+	return json.Marshal(membersJSON(reg.Members()))
+}
+
+// sendRequest is /send or DELETE /member on its way to another node.
+type sendRequest struct {
+	Role   registry.Role `json:"role,omitempty"`
+	ID     string        `json:"conn,omitempty"`
+	Name   string        `json:"name,omitempty"`
+	Binary bool          `json:"binary,omitempty"`
+	Data   []byte        `json:"data,omitempty"`
+	Code   int           `json:"code,omitempty"`
+	Reason string        `json:"reason,omitempty"`
+}
+
+func (s *sendRequest) selector() registry.Selector {
+	return registry.Selector{Role: s.Role, ID: s.ID, Name: s.Name}
+}
+
+// clusterSend sends msg to the members sel chooses on the other nodes and
+// returns how many took it.
+func (rt *Router) clusterSend(ctx context.Context, reg *registry.Registration, sel registry.Selector, msg registry.Message) int {
+	body, err := json.Marshal(sendRequest{Role: sel.Role, ID: sel.ID, Name: sel.Name, Binary: msg.Binary, Data: msg.Data})
+	if err != nil {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(ctx, askTimeout)
+	defer cancel()
+	n := 0
+	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, "send", body) {
+		var got int
+		if a.Err == nil && json.Unmarshal(a.Body, &got) == nil {
+			n += got
+		}
+	}
+	return n
+}
+
+func (rt *Router) answerSend(_ context.Context, reg *registry.Registration, body []byte) ([]byte, error) {
+	var s sendRequest
+	if err := json.Unmarshal(body, &s); err != nil {
+		return nil, err
+	}
+	msg := registry.Message{Binary: s.Binary, Data: s.Data}
+	n := reg.SendTo(s.selector(), msg)
+	rt.metrics.messagesOut(msg, n)
+	return json.Marshal(n)
+}
+
+// clusterClose closes the member sel names on another node; false when no
+// node has it.
+func (rt *Router) clusterClose(ctx context.Context, reg *registry.Registration, sel registry.Selector, code int, reason string) bool {
+	body, err := json.Marshal(sendRequest{ID: sel.ID, Name: sel.Name, Code: code, Reason: reason})
+	if err != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, askTimeout)
+	defer cancel()
+	closed := false
+	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, "close", body) {
+		closed = closed || a.Err == nil
+	}
+	return closed
+}
+
+func (rt *Router) answerClose(_ context.Context, reg *registry.Registration, body []byte) ([]byte, error) {
+	var s sendRequest
+	if err := json.Unmarshal(body, &s); err != nil {
+		return nil, err
+	}
+	m, _, ok := reg.Lookup(s.selector())
+	if !ok {
+		return nil, cluster.ErrNoOne
+	}
+	m.Close(s.Code, s.Reason)
+	return nil, nil
+}
+
+// serveClusterHealth is /healthz's answer on a cluster node cut off from the
+// others: still 200, so that a load balancer keeps sending it the members
+// it can serve, but saying so.
+func serveDegraded(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Write([]byte("degraded: cut off from the cluster"))
+}
