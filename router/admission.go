@@ -88,7 +88,7 @@ func (rt *Router) admit(w http.ResponseWriter, r *http.Request) (*conn, error) {
 	if !rt.originAllowed(r) {
 		return nil, errOrigin
 	}
-	reg, err := rt.registry.Get(id)
+	reg, err := rt.lookup(r.Context(), id)
 	if err != nil {
 		if rt.cut() {
 			// It may have been made elsewhere since this node lost touch.

@@ -60,7 +60,7 @@ func (rt *Router) backend(w http.ResponseWriter, r *http.Request, endpoint strin
 			return nil, err
 		}
 	}
-	reg, err := rt.registry.Get(id)
+	reg, err := rt.lookup(r.Context(), id)
 	if err != nil {
 		return nil, err
 	}

@@ -29,6 +29,17 @@ var errCut = errors.New("cut off from the cluster")
 // askTimeout bounds the backend API's requests to other nodes.
 const askTimeout = 3 * time.Second
 
+// lookup returns the live registration id. On a cluster node, an id this
+// node does not know yet is looked up in the cluster's bucket, so that a
+// registration made on another node a moment ago is found here at once.
+func (rt *Router) lookup(ctx context.Context, id string) (*registry.Registration, error) {
+	reg, err := rt.registry.Get(id)
+	if err == nil || rt.cfg.Cluster == nil || rt.cut() {
+		return reg, err
+	}
+	return rt.cfg.Cluster.Lookup(ctx, id)
+}
+
 // cut reports whether this node is a cluster node cut off from the others.
 func (rt *Router) cut() bool {
 	return rt.cfg.Cluster != nil && rt.cfg.Cluster.Degraded()

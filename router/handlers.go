@@ -112,7 +112,7 @@ func (rt *Router) remove(w http.ResponseWriter, r *http.Request) error {
 	if rt.cut() {
 		return errCut
 	}
-	reg, err := rt.registry.Get(id)
+	reg, err := rt.lookup(r.Context(), id)
 	if err != nil {
 		return err
 	}

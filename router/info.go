@@ -381,7 +381,7 @@ func (rt *Router) admitWatcher(w http.ResponseWriter, r *http.Request) (*watcher
 				return nil, nil, nil, err
 			}
 		}
-		if reg, err = rt.registry.Get(id); err != nil {
+		if reg, err = rt.lookup(r.Context(), id); err != nil {
 			return nil, nil, nil, err
 		}
 		if err := rt.auth.backend(r, "info", reg, cred, bearer); err != nil {

@@ -143,7 +143,7 @@ func (rt *Router) publish(w http.ResponseWriter, r *http.Request) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	reg, err := rt.registry.Get(id)
+	reg, err := rt.lookup(r.Context(), id)
 	if err != nil {
 		return 0, err
 	}

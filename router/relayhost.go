@@ -52,7 +52,7 @@ func (rt *Router) routeRelay(w http.ResponseWriter, r *http.Request) (*relay.Tar
 	if err != nil {
 		return nil, err
 	}
-	reg, err := rt.registry.Get(id)
+	reg, err := rt.lookup(r.Context(), id)
 	if err != nil {
 		return nil, err
 	}

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -168,18 +170,55 @@ func (n *Node) announce(st *regState, reg *registry.Registration) error {
 	}
 	ctx, cancel := n.opCtx()
 	defer cancel()
-	if _, err := n.kv.Put(ctx, n.presenceKey(st.id), nil); err != nil {
+	rev, err := n.kv.Put(ctx, n.presenceKey(st.id), nil)
+	if err != nil {
 		n.log.Warn("cluster: presence not written; it will be on resync", "reg", st.id, "err", err)
 		return nil
 	}
-	return n.touch(ctx, reg)
+	if err := n.touch(ctx, reg); err != nil {
+		return err
+	}
+	n.tellInterest(st.id, rev)
+	return nil
+}
+
+// tellInterest tells every live node at once that this node now has
+// members of id (its presence key at revision rev), and waits for them to
+// have heard it: their watch would tell them a moment later, but a member
+// hears the others from its 101 on, so their next message must come here.
+func (n *Node) tellInterest(id string, rev uint64) {
+	n.mu.Lock()
+	deadline := time.Now().Add(-n.cfg.DeadAfter)
+	var peers []string
+	for node, seen := range n.nodes {
+		if seen.After(deadline) {
+			peers = append(peers, node)
+		}
+	}
+	n.mu.Unlock()
+	ctx, cancel := context.WithTimeout(n.ctx, min(n.cfg.OpTimeout, 2*time.Second))
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, peer := range peers {
+		wg.Go(func() {
+			m := nats.NewMsg(n.prefix + ".n." + peer)
+			m.Header.Set(hdrMethod, methodInterest)
+			m.Header.Set(hdrReg, id)
+			m.Header.Set(hdrFrom, n.id)
+			m.Header.Set(hdrRev, strconv.FormatUint(rev, 10))
+			// A node that does not answer is dead or cut off; its watch
+			// catches up when it is back.
+			n.nc.RequestMsgWithContext(ctx, m)
+		})
+	}
+	wg.Wait()
 }
 
 // touch bumps the record's revision, keeping its value. It fails with
 // ErrNotFound if the record is gone (or is another generation's).
 func (n *Node) touch(ctx context.Context, reg *registry.Registration) error {
 	n.mu.Lock()
-	cur, ok := n.recs[reg.ID]
+	cur, ok := n.liveRecordLocked(reg.ID)
 	n.mu.Unlock()
 	for try := 0; try < 5; try++ {
 		if !ok || cur.gen != reg.Generation {

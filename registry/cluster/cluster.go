@@ -88,16 +88,27 @@ type Node struct {
 
 	mu       sync.Mutex
 	recs     map[string]recEntry            // guarded by mu; records as the watch last saw them
+	// applyMu orders making registrations live and removing them, between
+	// the watch and Lookup.
+	applyMu sync.Mutex
 	presence map[string]map[string]struct{} // guarded by mu; id → other nodes with members
+	// presenceRev is the bucket revision of the last presence change
+	// applied, id → node → revision: a change older than it (a node's
+	// direct word arriving after the watch saw it withdraw) is stale.
+	presenceRev map[string]map[string]uint64 // guarded by mu
 	nodes    map[string]time.Time           // guarded by mu; other nodes → when last heard
 	handlers map[string]Handler             // guarded by mu
 	nodeSub  *nats.Subscription
 }
 
+// recEntry is a record as the watch (or a write of this node's) last saw
+// it; a tombstone (deleted) is kept a while so that an older copy arriving
+// late is not taken for the current one.
 type recEntry struct {
-	rev   uint64
-	gen   uint64
-	value []byte
+	rev     uint64
+	gen     uint64
+	value   []byte
+	deleted time.Time // zero: live
 }
 
 // Dial connects to NATS and opens (or makes) the cluster's bucket. The
@@ -130,6 +141,7 @@ func Dial(ctx context.Context, cfg Config) (*Node, error) {
 		resync:   make(chan struct{}, 1),
 		recs:     make(map[string]recEntry),
 		presence: make(map[string]map[string]struct{}),
+		presenceRev: make(map[string]map[string]uint64),
 		nodes:    make(map[string]time.Time),
 		handlers: make(map[string]Handler),
 	}

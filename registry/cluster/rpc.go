@@ -40,7 +40,13 @@ const (
 	hdrReg    = "Wsr-Reg"
 	hdrGen    = "Wsr-Gen"
 	hdrError  = "Wsr-Error"
+	hdrFrom   = "Wsr-From"
+	hdrRev    = "Wsr-Rev"
 	noOne     = "none"
+
+	// methodInterest is a node's word that it has members of a
+	// registration (tellInterest); the node answers it itself.
+	methodInterest = "interest"
 )
 
 // serveRequest answers another node's request, each on a goroutine of its
@@ -64,6 +70,15 @@ func (n *Node) serveRequest(m *nats.Msg) {
 }
 
 func (n *Node) answer(m *nats.Msg) ([]byte, error) {
+	if m.Header.Get(hdrMethod) == methodInterest {
+		rev, err := strconv.ParseUint(m.Header.Get(hdrRev), 10, 64)
+		from := m.Header.Get(hdrFrom)
+		if err != nil || rev == 0 || from == "" || from == n.id {
+			return nil, errors.New("bad interest")
+		}
+		n.setPresence(m.Header.Get(hdrReg), from, true, rev)
+		return nil, nil
+	}
 	n.mu.Lock()
 	h := n.handlers[m.Header.Get(hdrMethod)]
 	n.mu.Unlock()

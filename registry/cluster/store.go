@@ -73,12 +73,21 @@ func (n *Node) Put(ctx context.Context, rec registry.Record) error {
 }
 
 // sawRecord notes a record's revision, unless a later one was seen.
-func (n *Node) sawRecord(id string, rev, gen uint64, value []byte) {
+// It reports whether rec is now the current one.
+func (n *Node) sawRecord(id string, rev, gen uint64, value []byte) bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if cur, ok := n.recs[id]; !ok || cur.rev < rev {
-		n.recs[id] = recEntry{rev: rev, gen: gen, value: value}
+	if cur, ok := n.recs[id]; ok && cur.rev >= rev {
+		return cur.rev == rev && cur.deleted.IsZero()
 	}
+	n.recs[id] = recEntry{rev: rev, gen: gen, value: value}
+	return true
+}
+
+// liveRecordLocked returns the record under id as last seen, if live.
+func (n *Node) liveRecordLocked(id string) (recEntry, bool) {
+	e, ok := n.recs[id]
+	return e, ok && e.deleted.IsZero()
 }
 
 // current reads the record under id from the bucket: its entry, or
@@ -126,7 +135,7 @@ func (n *Node) Delete(ctx context.Context, ref registry.Ref) error {
 // delete, conditional on the revision, fails.
 func (n *Node) DeleteIdle(ctx context.Context, ref registry.Ref) error {
 	n.mu.Lock()
-	rec, known := n.recs[ref.ID]
+	rec, known := n.liveRecordLocked(ref.ID)
 	busy := n.liveElsewhereLocked(ref.ID) > 0
 	n.mu.Unlock()
 	if !known || rec.gen != ref.Generation || busy {

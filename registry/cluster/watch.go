@@ -1,6 +1,9 @@
 package cluster
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -99,12 +102,16 @@ type firstPass struct {
 	recs     map[string]bool                // live record ids
 	presence map[string]map[string]struct{} // id → other nodes with members
 	own      map[string]bool                // ids with this node's presence key
+	maxRev   uint64                         // the latest revision it saw
 }
 
 // apply takes one entry of the bucket into the node's view.
 // pass is nil once the first pass is over.
 func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 	key := e.Key()
+	if pass != nil {
+		pass.maxRev = max(pass.maxRev, e.Revision())
+	}
 	deleted := e.Operation() != jetstream.KeyValuePut
 	switch {
 	case strings.HasPrefix(key, "r."):
@@ -113,7 +120,9 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 			return
 		}
 		if deleted {
+			n.applyMu.Lock()
 			n.recordGone(id, e.Revision())
+			n.applyMu.Unlock()
 			return
 		}
 		rec, err := decodeRecord(e.Value())
@@ -124,8 +133,11 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 		if pass != nil {
 			pass.recs[id] = true
 		}
-		n.sawRecord(id, e.Revision(), rec.Generation, e.Value())
-		n.recordLive(rec)
+		n.applyMu.Lock()
+		if n.sawRecord(id, e.Revision(), rec.Generation, e.Value()) {
+			n.recordLive(rec)
+		}
+		n.applyMu.Unlock()
 	case strings.HasPrefix(key, "p."):
 		encID, node, ok := strings.Cut(key[2:], ".")
 		id, okID := dec(encID)
@@ -144,7 +156,7 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 			}
 			pass.presence[id][node] = struct{}{}
 		}
-		n.setPresence(id, node, !deleted)
+		n.setPresence(id, node, !deleted, e.Revision())
 	case strings.HasPrefix(key, "n."):
 		node := key[2:]
 		if node == n.id {
@@ -174,34 +186,87 @@ func (n *Node) recordLive(rec registry.Record) {
 	r.Restore([]registry.Record{rec})
 }
 
+// Lookup returns the registration id, live here or made live from the
+// bucket: a registration made on another node is known here before this
+// node's watch brings it. ErrNotFound if the bucket has none.
+func (n *Node) Lookup(ctx context.Context, id string) (*registry.Registration, error) {
+	r := n.registry.Load()
+	if reg, err := r.Get(id); err == nil {
+		return reg, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.OpTimeout)
+	defer cancel()
+	e, err := n.kv.Get(ctx, recKey(id))
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return nil, fmt.Errorf("lookup %s: %w", id, registry.ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("lookup %s: %w: %w", id, registry.ErrStore, err)
+	}
+	rec, err := decodeRecord(e.Value())
+	if err != nil || rec.ID != id {
+		return nil, fmt.Errorf("lookup %s: %w", id, registry.ErrNotFound)
+	}
+	n.applyMu.Lock()
+	if n.sawRecord(id, e.Revision(), rec.Generation, e.Value()) {
+		n.recordLive(rec)
+	}
+	n.applyMu.Unlock()
+	return r.Get(id)
+}
+
 // recordGone follows a tombstone: the registration is removed here too.
+// With applyMu held.
 func (n *Node) recordGone(id string, rev uint64) {
 	n.mu.Lock()
 	cur, ok := n.recs[id]
-	if ok && cur.rev < rev {
-		delete(n.recs, id)
-	}
-	n.mu.Unlock()
-	if !ok {
+	if ok && cur.rev >= rev {
+		n.mu.Unlock()
 		return
 	}
-	n.registry.Load().Vanish(registry.Ref{ID: id, Generation: cur.gen})
+	n.recs[id] = recEntry{rev: rev, deleted: time.Now()}
+	delete(n.presenceRev, id)
+	n.mu.Unlock()
+	if ok && cur.deleted.IsZero() {
+		n.registry.Load().Vanish(registry.Ref{ID: id, Generation: cur.gen})
+	}
+}
+
+// tombstoneTTL is how long a tombstone is remembered: longer than any
+// lookup that may have read the record before it was deleted.
+const tombstoneTTL = time.Minute
+
+// forgetTombstones drops the tombstones older than tombstoneTTL.
+func (n *Node) forgetTombstones() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	old := time.Now().Add(-tombstoneTTL)
+	for id, e := range n.recs {
+		if !e.deleted.IsZero() && e.deleted.Before(old) {
+			delete(n.recs, id)
+		}
+	}
 }
 
 // caughtUp ends a watch's first pass: what this node holds that the bucket
 // does not was removed while it was not watching, and presence it counted
 // that the bucket no longer has is gone.
+//
+// A registration made (here, or looked up) after the pass began is not in
+// it, and stays: its record's revision is later than any the pass saw.
 func (n *Node) caughtUp(pass *firstPass) {
+	n.applyMu.Lock()
+	defer n.applyMu.Unlock()
 	r := n.registry.Load()
 	var gone []registry.Ref
+	n.mu.Lock()
 	r.Each(func(reg *registry.Registration) {
-		if !pass.recs[reg.ID] {
+		if e, ok := n.recs[reg.ID]; !pass.recs[reg.ID] && (!ok || e.rev <= pass.maxRev) {
 			gone = append(gone, reg.Ref())
 		}
 	})
-	n.mu.Lock()
-	for id := range n.recs {
-		if !pass.recs[id] {
+	for id, e := range n.recs {
+		if !pass.recs[id] && e.rev <= pass.maxRev {
 			delete(n.recs, id)
 		}
 	}
@@ -224,7 +289,7 @@ func (n *Node) caughtUp(pass *firstPass) {
 		r.Vanish(ref)
 	}
 	for _, s := range stale {
-		n.setPresence(s[0], s[1], false)
+		n.setPresence(s[0], s[1], false, 0)
 	}
 	ctx, cancel := n.opCtx()
 	n.reannounce(ctx, pass.own)
@@ -233,10 +298,23 @@ func (n *Node) caughtUp(pass *firstPass) {
 	n.log.Info("cluster: in sync", "registrations", r.Len())
 }
 
-// setPresence records that node has (or no longer has) members of id, and
-// tells the registration when the last other node leaves it.
-func (n *Node) setPresence(id, node string, here bool) {
+// setPresence records that node has (or no longer has) members of id, as
+// of the bucket's revision rev (0: whatever came before), and tells the
+// registration when the last other node leaves it.
+func (n *Node) setPresence(id, node string, here bool, rev uint64) {
 	n.mu.Lock()
+	revs := n.presenceRev[id]
+	if rev != 0 {
+		if rev <= revs[node] {
+			n.mu.Unlock()
+			return // stale
+		}
+		if revs == nil {
+			revs = make(map[string]uint64)
+			n.presenceRev[id] = revs
+		}
+		revs[node] = rev
+	}
 	nodes := n.presence[id]
 	_, had := nodes[node]
 	if here == had {
@@ -308,8 +386,13 @@ func (n *Node) nodeDied(node string) {
 	n.mu.Unlock()
 	n.log.Info("cluster: node gone", "peer", node, "registrations", len(ids))
 	for _, id := range ids {
-		n.setPresence(id, node, false)
+		n.setPresence(id, node, false, 0)
 	}
+	n.mu.Lock()
+	for _, revs := range n.presenceRev {
+		delete(revs, node)
+	}
+	n.mu.Unlock()
 	go func() {
 		ctx, cancel := n.opCtx()
 		defer cancel()
@@ -334,6 +417,7 @@ func (n *Node) beat() {
 			}
 			cancel()
 		}
+		n.forgetTombstones()
 		if !n.Degraded() {
 			// Only a node that hears the cluster may judge others silent.
 			deadline := time.Now().Add(-n.cfg.DeadAfter)

@@ -86,9 +86,46 @@ type target struct {
 	// restart stops the server and starts it again on the same address
 	// and flags (SIGTERM: its members get 1001); srv is then the new one.
 	restart func(ctx context.Context) error
+	// nodes are a cluster's wsrouter nodes (srv is the first) and others
+	// its NATS server (-nodes); both empty for one server.
+	nodes, others []*serverProc
+	// wsRef: the reference is wsrouter itself (-nodes), not a broadcaster.
+	wsRef bool
 }
 
-func (t *target) isRef() bool { return t.kind == kindReference }
+// isRef reports whether the target is the reference broadcaster, which has
+// no registrations.
+func (t *target) isRef() bool { return t.kind == kindReference && !t.wsRef }
+
+// procs are the target's processes: its servers, then a cluster's NATS.
+func (t *target) procs() []*serverProc {
+	if len(t.nodes) == 0 {
+		return []*serverProc{t.srv}
+	}
+	return append(append([]*serverProc(nil), t.nodes...), t.others...)
+}
+
+// nodeAddr is the address of node i (modulo the nodes) of a cluster, or the
+// server's.
+func (t *target) nodeAddr(i int) string {
+	if len(t.nodes) == 0 {
+		return t.srv.addr
+	}
+	return t.nodes[i%len(t.nodes)].addr
+}
+
+// rss is the resident memory of all the target's processes.
+func (t *target) rss() (int64, error) {
+	var sum int64
+	for _, p := range t.procs() {
+		n, err := p.rss()
+		if err != nil {
+			return sum, err
+		}
+		sum += n
+	}
+	return sum, nil
+}
 
 func (t *target) progress(format string, args ...any) {
 	fmt.Fprintf(t.log, "  %s: %s\n", cmp.Or(t.name, t.kind), fmt.Sprintf(format, args...))
@@ -151,6 +188,11 @@ func (t *target) registerMany(ctx context.Context, n, conc int, regType string) 
 // lobby member). The reference ignores everything but id. readLimit bounds
 // incoming messages (0: coder/websocket's 32 KiB default).
 func (t *target) connect(ctx context.Context, r reg, sockType string, readLimit int64) (*websocket.Conn, error) {
+	return t.connectOn(ctx, 0, r, sockType, readLimit)
+}
+
+// connectOn is connect to node i of a cluster (modulo the nodes).
+func (t *target) connectOn(ctx context.Context, node int, r reg, sockType string, readLimit int64) (*websocket.Conn, error) {
 	q := url.Values{"id": {r.id}, "key": {r.key}}
 	if r.token != "" {
 		q = url.Values{"id": {r.id}, "token": {r.token}}
@@ -158,7 +200,7 @@ func (t *target) connect(ctx context.Context, r reg, sockType string, readLimit 
 	if sockType != "" {
 		q.Set("sock_type", sockType)
 	}
-	c, resp, err := websocket.Dial(ctx, "ws://"+t.srv.addr+"/connect?"+q.Encode(), &websocket.DialOptions{
+	c, resp, err := websocket.Dial(ctx, "ws://"+t.nodeAddr(node)+"/connect?"+q.Encode(), &websocket.DialOptions{
 		HTTPClient: t.dial.client(),
 	})
 	if err != nil {
@@ -457,25 +499,41 @@ func percentilesMs(ds []time.Duration) (p50, p99, max float64) {
 
 // cpuWindow measures server and client CPU time over a window.
 type cpuWindow struct {
-	srv           *serverProc
+	srvs          []*serverProc
 	start         time.Time
 	srv0, client0 time.Duration
 }
 
-func startCPU(srv *serverProc) (*cpuWindow, error) {
-	s, err := srv.cpu()
+// startCPU starts measuring the CPU time of srvs (their sum: the servers
+// of a cluster) and of this process.
+func startCPU(srvs ...*serverProc) (*cpuWindow, error) {
+	w := &cpuWindow{srvs: srvs, start: time.Now(), client0: processCPU()}
+	s, err := w.serverCPU()
 	if err != nil {
-		return nil, fmt.Errorf("read server cpu: %w", err)
+		return nil, err
 	}
-	return &cpuWindow{srv: srv, start: time.Now(), srv0: s, client0: processCPU()}, nil
+	w.srv0 = s
+	return w, nil
+}
+
+func (w *cpuWindow) serverCPU() (time.Duration, error) {
+	var sum time.Duration
+	for _, p := range w.srvs {
+		s, err := p.cpu()
+		if err != nil {
+			return 0, fmt.Errorf("read server cpu: %w", err)
+		}
+		sum += s
+	}
+	return sum, nil
 }
 
 // end returns the wall time of the window and the CPU time each side used
 // in it.
 func (w *cpuWindow) end() (wall, server, client time.Duration, err error) {
-	s, err := w.srv.cpu()
+	s, err := w.serverCPU()
 	if err != nil {
-		return 0, 0, 0, fmt.Errorf("read server cpu: %w", err)
+		return 0, 0, 0, err
 	}
 	return time.Since(w.start), s - w.srv0, processCPU() - w.client0, nil
 }

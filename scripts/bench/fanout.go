@@ -184,7 +184,7 @@ func (f *fanout) run(ctx context.Context, t *target) (*result, error) {
 	// The first connect pays bcrypt on wsrouter; the others find the key
 	// remembered.
 	connectOne := func(i int) error {
-		c, err := t.connect(ctx, r, "", int64(f.size))
+		c, err := t.connectOn(ctx, i, r, "", int64(f.size)) // spread over a cluster's nodes
 		conns[i] = c
 		return err
 	}
@@ -241,7 +241,7 @@ func (f *fanout) run(ctx context.Context, t *target) (*result, error) {
 		return res, err
 	}
 	recv0, sent0 := fr.received(), fr.sent()
-	cpu, err := startCPU(t.srv)
+	cpu, err := startCPU(t.procs()...)
 	if err != nil {
 		return res, err
 	}
@@ -257,7 +257,7 @@ func (f *fanout) run(ctx context.Context, t *target) (*result, error) {
 	if !waitTimeout(&sending, 10*time.Second) {
 		return res, errors.New("senders still blocked in Write 10s after the window: the server stopped reading")
 	}
-	rss, _ := t.srv.rss()
+	rss, _ := t.rss()
 
 	// Drain: wait for what is still in flight, until everything arrived,
 	// nothing has arrived for a second, or -drain is up.

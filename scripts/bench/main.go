@@ -153,6 +153,8 @@ func main() {
 		err = runRefServer(ctx, os.Args[2:], os.Stderr)
 	case len(os.Args) > 1 && os.Args[1] == directServerMode:
 		err = runDirectServer(ctx, os.Args[2:], os.Stderr)
+	case len(os.Args) > 1 && os.Args[1] == natsServerMode:
+		err = runNATSServer(ctx, os.Args[2:], os.Stderr)
 	default:
 		err = run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	}
@@ -178,6 +180,7 @@ type options struct {
 	logLevel    string
 	srcIPs      int
 	refQueue    int
+	nodes       int
 }
 
 func (o *options) register(fs *flag.FlagSet) {
@@ -191,6 +194,7 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "wsrouter -log-level; its WARN/ERROR lines are reported as anomalies")
 	fs.IntVar(&o.srcIPs, "src-ips", 8, "client source addresses 127.0.0.2 … 127.0.0.(1+n), rotated per connection")
 	fs.IntVar(&o.refQueue, "ref-queue", 1024, "the reference's per-member channel capacity, in messages")
+	fs.IntVar(&o.nodes, "nodes", 1, "fanout, pair: run wsrouter as a cluster of this many nodes on a NATS server the tool starts, members spread over them; the reference is then one wsrouter node")
 }
 
 func (o *options) check() error {
@@ -205,6 +209,8 @@ func (o *options) check() error {
 		return errors.New("-src-ips must be 1 to 250")
 	case o.refQueue < 1:
 		return errors.New("-ref-queue must be positive")
+	case o.nodes < 1 || o.nodes > 16:
+		return errors.New("-nodes must be 1 to 16")
 	}
 	switch o.targets {
 	case "both", kindWsrouter, kindReference:
@@ -271,7 +277,20 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
 	ref := refSpec{mode: refServerMode, args: refArgs(o), refName: kindReference, wsName: kindWsrouter}
-	if r, ok := b.(referee); ok {
+	if o.nodes > 1 {
+		if sc.name != "fanout" && sc.name != "pair" {
+			return fmt.Errorf("-nodes is for fanout and pair, not %s", sc.name)
+		}
+		// The reference is wsrouter itself on one node (mode ""), with
+		// the cluster's flags but -nats.
+		ref = refSpec{mode: "", args: wsrouterArgs(o, b.serverArgs()), refName: "1 node", wsName: fmt.Sprintf("%d nodes", o.nodes)}
+		switch o.targets {
+		case ref.refName:
+			o.targets = kindReference
+		case ref.wsName:
+			o.targets = kindWsrouter
+		}
+	} else if r, ok := b.(referee); ok {
 		ref = r.reference()
 		// The scenario's names for the two servers are aliases.
 		switch o.targets {
@@ -342,7 +361,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 				return ctx.Err()
 			}
 			fmt.Fprintf(stderr, "run %d/%d: %s …\n", i+1, o.runs, rep.label(kind))
-			tr := measure(ctx, b, kind, rep.label(kind), bins, ref.mode, argsOf[kind], tmp, dial, stderr)
+			tr := measure(ctx, b, kind, rep.label(kind), bins, ref.mode, argsOf[kind], tmp, dial, o.nodes, stderr)
 			if tr.Error != "" {
 				failed = true
 				fmt.Fprintf(stderr, "run %d/%d: %s failed: %s\n", i+1, o.runs, rep.label(kind), tr.Error)
@@ -369,20 +388,35 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 // measure starts one server, runs the scenario against it once and stops
 // it, whatever happens. name is what progress lines call it; refMode is the
 // reference binary's hidden mode.
-func measure(ctx context.Context, b bench, kind, name string, bins binaries, refMode string, args []string, tmp string, dial *dialer, stderr io.Writer) *targetRecord {
+func measure(ctx context.Context, b bench, kind, name string, bins binaries, refMode string, args []string, tmp string, dial *dialer, nodes int, stderr io.Writer) *targetRecord {
 	tr := &targetRecord{}
 	bin, binArgs := bins.server, args
-	if kind == kindReference {
+	if kind == kindReference && refMode != "" {
 		bin, binArgs = bins.ref, append([]string{refMode}, args...)
 	}
-	srv, err := startServer(ctx, kind, bin, binArgs, tmp)
-	if err != nil {
-		tr.Error = err.Error()
-		return tr
+	var t *target
+	if kind == kindWsrouter && nodes > 1 {
+		procs, err := startCluster(ctx, nodes, bins, args, tmp)
+		if err != nil {
+			tr.Error = err.Error()
+			return tr
+		}
+		t = &target{kind: kind, name: name, srv: procs[0], nodes: procs[:nodes], others: procs[nodes:], dial: dial, log: stderr}
+	} else {
+		srv, err := startServer(ctx, kind, bin, binArgs, tmp)
+		if err != nil {
+			tr.Error = err.Error()
+			return tr
+		}
+		t = &target{kind: kind, name: name, srv: srv, dial: dial, log: stderr, wsRef: refMode == ""}
 	}
-	t := &target{kind: kind, name: name, srv: srv, dial: dial, log: stderr}
 	// A scenario may restart the server; the last one is stopped here.
-	defer func() { t.srv.kill() }()
+	defer func() {
+		t.srv.kill()
+		for _, p := range t.procs() {
+			p.kill()
+		}
+	}()
 	var earlier []string // problems logged by servers a restart stopped
 	t.restart = func(ctx context.Context) error {
 		// Pooled HTTP connections would die with the server anyway; one
@@ -401,7 +435,7 @@ func measure(ctx context.Context, b bench, kind, name string, bins binaries, ref
 		return nil
 	}
 	res, err := b.run(ctx, t)
-	srv = t.srv
+	srv := t.srv
 	if res == nil {
 		res = newResult()
 	}
@@ -418,6 +452,12 @@ func measure(ctx context.Context, b bench, kind, name string, bins binaries, ref
 	}
 	if err := srv.stop(); err != nil {
 		res.anomaly("%s: %v", kind, err)
+	}
+	for _, p := range t.procs()[1:] { // the other nodes, then NATS
+		if err := p.stop(); err != nil {
+			res.anomaly("%s: %v", p.kind, err)
+		}
+		earlier = append(earlier, p.logProblems()...)
 	}
 	if probs := append(earlier, srv.logProblems()...); len(probs) > 0 {
 		res.notes["server_log_problems"] = probs

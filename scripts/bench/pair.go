@@ -97,12 +97,14 @@ func (b *pair) run(ctx context.Context, t *target) (*result, error) {
 	err = parallel(ctx, b.pairs, 8, func(i int) error {
 		// The host first: on wsrouter its connect pays bcrypt, the
 		// client's finds the key remembered.
-		h, err := t.connect(ctx, regs[i], "host", int64(b.size))
+		// With -nodes, every host on the first node and every client on
+		// the second: each round trip crosses between nodes twice.
+		h, err := t.connectOn(ctx, 0, regs[i], "host", int64(b.size))
 		if err != nil {
 			return err
 		}
 		ps[i].host = h
-		c, err := t.connect(ctx, regs[i], "client", int64(b.size))
+		c, err := t.connectOn(ctx, 1, regs[i], "client", int64(b.size))
 		ps[i].client = c
 		return err
 	})
@@ -224,7 +226,7 @@ func (b *pair) run(ctx context.Context, t *target) (*result, error) {
 		return n
 	}
 	recv0 := recv()
-	cpu, err := startCPU(t.srv)
+	cpu, err := startCPU(t.procs()...)
 	if err != nil {
 		return res, err
 	}
@@ -248,7 +250,7 @@ func (b *pair) run(ctx context.Context, t *target) (*result, error) {
 		sent += p.sent.Load()
 	}
 	received := recv()
-	rss, _ := t.srv.rss()
+	rss, _ := t.rss()
 
 	stopping.Store(true)
 	var hist histogram
