@@ -86,19 +86,19 @@ type Node struct {
 	// other nodes have; looked up without a lock by Publish.
 	states sync.Map // id → *regState
 
-	mu       sync.Mutex
-	recs     map[string]recEntry            // guarded by mu; records as the watch last saw them
+	mu   sync.Mutex
+	recs map[string]recEntry // guarded by mu; records as the watch last saw them
 	// applyMu orders making registrations live and removing them, between
 	// the watch and Lookup.
-	applyMu sync.Mutex
+	applyMu  sync.Mutex
 	presence map[string]map[string]struct{} // guarded by mu; id → other nodes with members
 	// presenceRev is the bucket revision of the last presence change
 	// applied, id → node → revision: a change older than it (a node's
 	// direct word arriving after the watch saw it withdraw) is stale.
 	presenceRev map[string]map[string]uint64 // guarded by mu
-	nodes    map[string]time.Time           // guarded by mu; other nodes → when last heard
-	handlers map[string]Handler             // guarded by mu
-	nodeSub  *nats.Subscription
+	nodes       map[string]time.Time         // guarded by mu; other nodes → when last heard
+	handlers    map[string]Handler           // guarded by mu
+	nodeSub     *nats.Subscription
 }
 
 // recEntry is a record as the watch (or a write of this node's) last saw
@@ -135,15 +135,15 @@ func Dial(ctx context.Context, cfg Config) (*Node, error) {
 	var b [8]byte
 	rand.Read(b[:])
 	n := &Node{
-		cfg:      cfg,
-		id:       hex.EncodeToString(b[:]),
-		prefix:   "wsr." + cfg.Name,
-		resync:   make(chan struct{}, 1),
-		recs:     make(map[string]recEntry),
-		presence: make(map[string]map[string]struct{}),
+		cfg:         cfg,
+		id:          hex.EncodeToString(b[:]),
+		prefix:      "wsr." + cfg.Name,
+		resync:      make(chan struct{}, 1),
+		recs:        make(map[string]recEntry),
+		presence:    make(map[string]map[string]struct{}),
 		presenceRev: make(map[string]map[string]uint64),
-		nodes:    make(map[string]time.Time),
-		handlers: make(map[string]Handler),
+		nodes:       make(map[string]time.Time),
+		handlers:    make(map[string]Handler),
 	}
 	n.log = cfg.Log.With("node", n.id)
 	n.ctx, n.cancel = context.WithCancel(context.Background())
