@@ -588,7 +588,7 @@ func (o *options) joinCluster(ctx context.Context, log *slog.Logger) (*cluster.N
 	max := node.MaxPayload()
 	if rc.MaxMessage+clusterHeader > max {
 		rc.MaxMessage = max - clusterHeader
-		log.Warn("-max-message lowered to fit NATS's max_payload", "max_message", rc.MaxMessage, "max_payload", max)
+		log.Info("-max-message lowered to fit NATS's max_payload", "max_message", rc.MaxMessage, "max_payload", max)
 	}
 	if body := rc.RelayMaxBody; body <= 0 || body+clusterRelayHeader > max {
 		if body <= 0 {
@@ -596,7 +596,7 @@ func (o *options) joinCluster(ctx context.Context, log *slog.Logger) (*cluster.N
 		}
 		if body+clusterRelayHeader > max {
 			rc.RelayMaxBody = max - clusterRelayHeader
-			log.Warn("-relay-max-body lowered to fit NATS's max_payload", "relay_max_body", rc.RelayMaxBody, "max_payload", max)
+			log.Info("-relay-max-body lowered to fit NATS's max_payload", "relay_max_body", rc.RelayMaxBody, "max_payload", max)
 		}
 	}
 	rc.Registry.Store, rc.Registry.Broker, rc.Cluster = node, node, node

@@ -155,7 +155,9 @@ func Dial(ctx context.Context, cfg Config) (*Node, error) {
 		nats.ReconnectBufSize(8 << 20),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			n.synced.Store(false)
-			n.log.Warn("cluster: NATS disconnected", "err", err)
+			if n.ctx.Err() == nil { // not Close's doing
+				n.log.Warn("cluster: NATS disconnected; members here keep talking, the rest waits for it", "err", err)
+			}
 		}),
 		nats.ReconnectHandler(func(nc *nats.Conn) {
 			n.log.Info("cluster: NATS reconnected", "server", nc.ConnectedUrlRedacted())
