@@ -215,8 +215,13 @@ func (rt *Router) send(w http.ResponseWriter, r *http.Request) (int, error) {
 		return 0, paramError("a text body must be UTF-8")
 	}
 	n := t.reg.SendTo(sel, msg)
-	if rt.cfg.Cluster != nil && (n == 0 || sel.ID == "" && sel.Name == "") {
-		n += rt.clusterSend(r.Context(), t.reg, sel, msg)
+	if rt.cfg.Cluster != nil && (n == 0 || sel.ID == "") {
+		// A connection id is on one node; a name may be on several.
+		more, err := rt.clusterSend(r.Context(), t.reg, sel, msg)
+		if err != nil && n == 0 {
+			return 0, err
+		}
+		n += more
 	}
 	if n == 0 && (sel.ID != "" || sel.Name != "") {
 		return 0, errNoMember
@@ -249,8 +254,10 @@ func (rt *Router) closeMember(w http.ResponseWriter, r *http.Request) error {
 	}
 	m, _, ok := t.reg.Lookup(sel)
 	if !ok {
-		if rt.cfg.Cluster != nil && rt.clusterClose(r.Context(), t.reg, sel, code, reason) {
-			return nil
+		if rt.cfg.Cluster != nil {
+			if closed, err := rt.clusterClose(r.Context(), t.reg, sel, code, reason); closed || err != nil {
+				return err
+			}
 		}
 		return errNoMember
 	}

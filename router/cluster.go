@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"slices"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"wsrouter/registry"
@@ -93,8 +95,13 @@ func (rt *Router) remoteRelay(reg *registry.Registration) func(ctx context.Conte
 				continue // no host there: nothing was sent to a device
 			case errors.Is(err, cluster.ErrTooLarge):
 				return nil, relay.ErrTooLarge
+			case errors.Is(err, context.DeadlineExceeded), errors.Is(err, nats.ErrTimeout):
+				return nil, relay.ErrTimeout
+			case errors.Is(err, cluster.ErrCut):
+				return nil, errCut
 			case err != nil:
-				return nil, err
+				// The host's node failed (or went away) mid-request.
+				return nil, fmt.Errorf("%w: %w", relay.ErrHostGone, err)
 			}
 			a, err := relay.DecodeAnswer(b)
 			if err != nil {
@@ -132,18 +139,14 @@ func (rt *Router) answerRelay(ctx context.Context, reg *registry.Registration, b
 }
 
 // clusterMembers adds the members on other nodes to local, for /members.
+// A node cut off lists its own.
 func (rt *Router) clusterMembers(ctx context.Context, reg *registry.Registration, local []memberJSON) []memberJSON {
-	ctx, cancel := context.WithTimeout(ctx, askTimeout)
-	defer cancel()
-	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, "members", nil) {
+	answers, _ := rt.askAll(ctx, reg, "members", nil)
+	for _, b := range answers {
 		var ms []memberJSON
-		if a.Err != nil || json.Unmarshal(a.Body, &ms) != nil {
-			if !errors.Is(a.Err, cluster.ErrNoOne) {
-				rt.logs.info("cluster", "a node's members are missing", "reg", reg.ID, "peer", a.Node, "err", a.Err)
-			}
-			continue
+		if json.Unmarshal(b, &ms) == nil {
+			local = append(local, ms...)
 		}
-		local = append(local, ms...)
 	}
 	slices.SortFunc(local, func(a, b memberJSON) int { return a.ConnectedAt.Compare(b.ConnectedAt) })
 	return local
@@ -153,13 +156,13 @@ func (rt *Router) answerMembers(_ context.Context, reg *registry.Registration, _
 	return json.Marshal(membersJSON(reg.Members()))
 }
 
-// sendRequest is /send or DELETE /member on its way to another node.
+// sendRequest is /send or DELETE /member on its way to another node; a
+// message's data follows it raw (cluster.Pack).
 type sendRequest struct {
 	Role   registry.Role `json:"role,omitempty"`
 	ID     string        `json:"conn,omitempty"`
 	Name   string        `json:"name,omitempty"`
 	Binary bool          `json:"binary,omitempty"`
-	Data   []byte        `json:"data,omitempty"`
 	Code   int           `json:"code,omitempty"`
 	Reason string        `json:"reason,omitempty"`
 }
@@ -168,31 +171,55 @@ func (s *sendRequest) selector() registry.Selector {
 	return registry.Selector{Role: s.Role, ID: s.ID, Name: s.Name}
 }
 
-// clusterSend sends msg to the members sel chooses on the other nodes and
-// returns how many took it.
-func (rt *Router) clusterSend(ctx context.Context, reg *registry.Registration, sel registry.Selector, msg registry.Message) int {
-	body, err := json.Marshal(sendRequest{Role: sel.Role, ID: sel.ID, Name: sel.Name, Binary: msg.Binary, Data: msg.Data})
-	if err != nil {
-		return 0
+// askAll sends a request to every other node with members of reg and
+// returns the bodies of those that answered. A node with nothing to say
+// (ErrNoOne) is skipped; one that failed is logged. Cut off, it fails with
+// errCut; a body too large for NATS with errTooLarge.
+func (rt *Router) askAll(ctx context.Context, reg *registry.Registration, method string, body []byte) ([][]byte, error) {
+	if rt.cut() {
+		return nil, errCut
 	}
 	ctx, cancel := context.WithTimeout(ctx, askTimeout)
 	defer cancel()
+	var out [][]byte
+	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, method, body) {
+		switch {
+		case a.Err == nil:
+			out = append(out, a.Body)
+		case errors.Is(a.Err, cluster.ErrTooLarge):
+			return nil, errTooLarge
+		case !errors.Is(a.Err, cluster.ErrNoOne):
+			rt.logs.info("cluster", "a node did not answer", "reg", reg.ID, "method", method, "peer", a.Node, "err", a.Err)
+		}
+	}
+	return out, nil
+}
+
+// clusterSend sends msg to the members sel chooses on the other nodes and
+// returns how many took it.
+func (rt *Router) clusterSend(ctx context.Context, reg *registry.Registration, sel registry.Selector, msg registry.Message) (int, error) {
+	body, err := cluster.Pack(sendRequest{Role: sel.Role, ID: sel.ID, Name: sel.Name, Binary: msg.Binary}, msg.Data)
+	if err != nil {
+		return 0, err
+	}
+	answers, err := rt.askAll(ctx, reg, "send", body)
 	n := 0
-	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, "send", body) {
+	for _, b := range answers {
 		var got int
-		if a.Err == nil && json.Unmarshal(a.Body, &got) == nil {
+		if json.Unmarshal(b, &got) == nil {
 			n += got
 		}
 	}
-	return n
+	return n, err
 }
 
 func (rt *Router) answerSend(_ context.Context, reg *registry.Registration, body []byte) ([]byte, error) {
 	var s sendRequest
-	if err := json.Unmarshal(body, &s); err != nil {
+	data, err := cluster.Unpack(body, &s)
+	if err != nil {
 		return nil, err
 	}
-	msg := registry.Message{Binary: s.Binary, Data: s.Data}
+	msg := registry.Message{Binary: s.Binary, Data: data}
 	n := reg.SendTo(s.selector(), msg)
 	rt.metrics.messagesOut(msg, n)
 	return json.Marshal(n)
@@ -200,23 +227,18 @@ func (rt *Router) answerSend(_ context.Context, reg *registry.Registration, body
 
 // clusterClose closes the member sel names on another node; false when no
 // node has it.
-func (rt *Router) clusterClose(ctx context.Context, reg *registry.Registration, sel registry.Selector, code int, reason string) bool {
-	body, err := json.Marshal(sendRequest{ID: sel.ID, Name: sel.Name, Code: code, Reason: reason})
+func (rt *Router) clusterClose(ctx context.Context, reg *registry.Registration, sel registry.Selector, code int, reason string) (bool, error) {
+	body, err := cluster.Pack(sendRequest{ID: sel.ID, Name: sel.Name, Code: code, Reason: reason}, nil)
 	if err != nil {
-		return false
+		return false, err
 	}
-	ctx, cancel := context.WithTimeout(ctx, askTimeout)
-	defer cancel()
-	closed := false
-	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, "close", body) {
-		closed = closed || a.Err == nil
-	}
-	return closed
+	answers, err := rt.askAll(ctx, reg, "close", body)
+	return len(answers) > 0, err
 }
 
 func (rt *Router) answerClose(_ context.Context, reg *registry.Registration, body []byte) ([]byte, error) {
 	var s sendRequest
-	if err := json.Unmarshal(body, &s); err != nil {
+	if _, err := cluster.Unpack(body, &s); err != nil {
 		return nil, err
 	}
 	m, _, ok := reg.Lookup(s.selector())

@@ -363,6 +363,14 @@ func TestClusterBackendAPI(t *testing.T) {
 		t.Fatalf("/send on C: %d %s", code, body)
 	}
 	expectNext(t, c1, "pushed")
+	// A body near 1 MiB crosses whole (not base64, which would not fit
+	// in a NATS message).
+	big := strings.Repeat("x", 900<<10)
+	code, body, _ = n[2].do(t, "POST", "/send?"+q.Encode(), strings.NewReader(big), http.Header{"Content-Type": {"text/plain"}})
+	if code != 200 || !strings.Contains(body, `"delivered":1`) {
+		t.Fatalf("/send of 900 KiB on C: %d %s", code, body)
+	}
+	expectNext(t, c1, big)
 	q.Del("to")
 	q.Set("conn", n[1].memberID(t, id))
 	if code, body, _ := n[2].do(t, "DELETE", "/member?"+q.Encode(), nil, nil); code != 200 {

@@ -43,19 +43,21 @@ type regState struct {
 	local int // guarded by Node.mu; members here (Attach less Detach)
 }
 
-// state returns the state of id, made if need be.
-func (n *Node) state(id string) *regState {
+// state returns the state of id, made if need be, with n.mu held: a state
+// is forgotten only under n.mu, so the caller may count on it.
+func (n *Node) stateLocked(id string) *regState {
 	if v, ok := n.states.Load(id); ok {
 		return v.(*regState)
 	}
 	st := &regState{id: id, subject: n.prefix + ".m." + enc(id)}
-	v, _ := n.states.LoadOrStore(id, st)
-	return v.(*regState)
+	n.states.Store(id, st)
+	return st
 }
 
-// forgetStateLocked drops st once nothing refers to it any more.
+// forgetStateLocked drops st once nothing refers to it any more: no member
+// here, no subscription or presence of this node, no other node's.
 func (n *Node) forgetStateLocked(st *regState) {
-	if st.local == 0 && len(n.presence[st.id]) == 0 {
+	if st.local == 0 && st.sub == nil && !st.announced && len(n.presence[st.id]) == 0 {
 		n.states.CompareAndDelete(st.id, st)
 	}
 }
@@ -128,18 +130,19 @@ func (st *regState) receive(m *nats.Msg) {
 }
 
 // Attach implements registry.Broker. The first member here subscribes to
-// reg's subject, announces this node's presence and then bumps the record's
+// reg's subject, announces this node's presence, bumps the record's
 // revision (so that a garbage collection decided elsewhere before it saw the
-// presence fails); the subscription is confirmed by the server before that
-// returns. Cut from NATS, a node still admits members of the registrations
-// it knows; it announces them when NATS is back.
+// presence fails) and tells the live nodes; the subscription is confirmed by
+// the server before that returns. Cut from NATS, a node still admits
+// members of the registrations it knows, and announces them when NATS is
+// back. A failed write while connected refuses the join (ErrStore).
 func (n *Node) Attach(reg *registry.Registration) error {
-	st := n.state(reg.ID)
+	n.mu.Lock()
+	st := n.stateLocked(reg.ID)
+	st.local++ // before waiting: st cannot be forgotten meanwhile
+	n.mu.Unlock()
 	st.op.Lock()
 	defer st.op.Unlock()
-	n.mu.Lock()
-	st.local++
-	n.mu.Unlock()
 	st.reg.Store(reg)
 	if st.sub != nil && st.announced {
 		return nil
@@ -149,7 +152,7 @@ func (n *Node) Attach(reg *registry.Registration) error {
 		n.mu.Lock()
 		st.local--
 		n.mu.Unlock()
-		n.withdrawIfIdle(st)
+		n.withdrawLocked(st)
 	}
 	return err
 }
@@ -162,24 +165,64 @@ func (n *Node) announce(st *regState, reg *registry.Registration) error {
 		if err != nil {
 			return fmt.Errorf("subscribe: %w: %w", registry.ErrStore, err)
 		}
+		n.mu.Lock()
 		st.sub = sub
+		n.mu.Unlock()
 	}
+	n.mu.Lock()
 	st.announced = true
+	n.mu.Unlock()
 	if !n.nc.IsConnected() {
-		return nil // the reconnect's resync announces it
+		return nil // the resync after the reconnect announces it
 	}
 	ctx, cancel := n.opCtx()
 	defer cancel()
-	rev, err := n.kv.Put(ctx, n.presenceKey(st.id), nil)
+	rev, err := n.writePresence(ctx, st, reg)
 	if err != nil {
-		n.log.Warn("cluster: presence not written; it will be on resync", "reg", st.id, "err", err)
-		return nil
-	}
-	if err := n.touch(ctx, reg); err != nil {
 		return err
 	}
 	n.tellInterest(st.id, rev)
 	return nil
+}
+
+// writePresence writes this node's presence key of st, then bumps the
+// record's revision; it returns the presence key's revision.
+func (n *Node) writePresence(ctx context.Context, st *regState, reg *registry.Registration) (uint64, error) {
+	rev, err := n.kv.Put(ctx, n.presenceKey(st.id), nil)
+	if err != nil {
+		return 0, fmt.Errorf("presence %s: %w: %w", st.id, registry.ErrStore, err)
+	}
+	return rev, n.touch(ctx, reg)
+}
+
+// touch bumps the record's revision, keeping its value. It fails with
+// ErrNotFound if the record is gone (or is another generation's).
+func (n *Node) touch(ctx context.Context, reg *registry.Registration) error {
+	n.mu.Lock()
+	cur, ok := n.liveRecordLocked(reg.ID)
+	n.mu.Unlock()
+	for range 5 {
+		if !ok || cur.gen != reg.Generation {
+			e, gen, found, err := n.current(ctx, reg.ID)
+			if err != nil {
+				return fmt.Errorf("touch %s: %w: %w", reg.ID, registry.ErrStore, err)
+			}
+			if !found || gen != reg.Generation {
+				return fmt.Errorf("touch %s: %w", reg.ID, registry.ErrNotFound)
+			}
+			cur = recEntry{rev: e.Revision(), gen: gen, value: e.Value()}
+		}
+		rev, err := n.kv.Update(ctx, recKey(reg.ID), cur.value, cur.rev)
+		if err == nil {
+			n.sawRecord(reg.ID, rev, cur.gen, cur.value)
+			return nil
+		}
+		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !errors.Is(err, jetstream.ErrKeyExists) {
+			return fmt.Errorf("touch %s: %w: %w", reg.ID, registry.ErrStore, err)
+		}
+		ok = false // another node touched it: read it again
+	}
+	return fmt.Errorf("touch %s: %w: contended", reg.ID, registry.ErrStore)
 }
 
 // tellInterest tells every live node at once that this node now has
@@ -214,38 +257,6 @@ func (n *Node) tellInterest(id string, rev uint64) {
 	wg.Wait()
 }
 
-// touch bumps the record's revision, keeping its value. It fails with
-// ErrNotFound if the record is gone (or is another generation's).
-func (n *Node) touch(ctx context.Context, reg *registry.Registration) error {
-	n.mu.Lock()
-	cur, ok := n.liveRecordLocked(reg.ID)
-	n.mu.Unlock()
-	for try := 0; try < 5; try++ {
-		if !ok || cur.gen != reg.Generation {
-			e, gen, found, err := n.current(ctx, reg.ID)
-			if err != nil {
-				n.log.Warn("cluster: record not touched", "reg", reg.ID, "err", err)
-				return nil
-			}
-			if !found || gen != reg.Generation {
-				return fmt.Errorf("touch %s: %w", reg.ID, registry.ErrNotFound)
-			}
-			cur = recEntry{rev: e.Revision(), gen: gen, value: e.Value()}
-		}
-		rev, err := n.kv.Update(ctx, recKey(reg.ID), cur.value, cur.rev)
-		if err == nil {
-			n.sawRecord(reg.ID, rev, cur.gen, cur.value)
-			return nil
-		}
-		if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !errors.Is(err, jetstream.ErrKeyExists) {
-			n.log.Warn("cluster: record not touched", "reg", reg.ID, "err", err)
-			return nil
-		}
-		ok = false // read it again
-	}
-	return nil
-}
-
 // Detach implements registry.Broker. It never waits for the network: the
 // last member here leaving withdraws the node's interest in the background.
 func (n *Node) Detach(reg *registry.Registration) {
@@ -259,63 +270,103 @@ func (n *Node) Detach(reg *registry.Registration) {
 	idle := st.local == 0
 	n.mu.Unlock()
 	if idle {
-		go n.withdrawIfIdle(st)
+		go func() {
+			st.op.Lock()
+			defer st.op.Unlock()
+			n.withdrawLocked(st)
+		}()
 	}
 }
 
-// withdrawIfIdle unsubscribes and deletes this node's presence once st has
-// no members here.
-func (n *Node) withdrawIfIdle(st *regState) {
-	st.op.Lock()
-	defer st.op.Unlock()
+// withdrawLocked, with st.op held, unsubscribes and deletes this node's
+// presence if st has no members here (any more), then forgets st if
+// nothing else refers to it.
+func (n *Node) withdrawLocked(st *regState) {
 	n.mu.Lock()
-	if st.local > 0 {
-		n.mu.Unlock()
+	busy := st.local > 0
+	n.mu.Unlock()
+	if busy {
 		return
 	}
-	n.forgetStateLocked(st)
-	n.mu.Unlock()
 	if st.sub != nil {
 		st.sub.Unsubscribe()
-		st.sub = nil
 	}
-	if st.announced {
-		st.announced = false
-		if n.nc.IsConnected() {
-			ctx, cancel := n.opCtx()
-			defer cancel()
-			n.kv.Delete(ctx, n.presenceKey(st.id))
-		}
+	if st.announced && n.nc.IsConnected() {
+		ctx, cancel := n.opCtx()
+		n.kv.Delete(ctx, n.presenceKey(st.id))
+		cancel()
 	}
+	// A presence key not deleted now (NATS away) is deleted by the
+	// resync, which finds it without a member here.
+	n.mu.Lock()
+	st.sub, st.announced = nil, false
+	n.forgetStateLocked(st)
+	n.mu.Unlock()
 }
 
 func (n *Node) presenceKey(id string) string { return "p." + enc(id) + "." + n.id }
 
-// reannounce writes the presence of every registration with members here,
-// after a reconnect, and deletes this node's presence keys (in own) that it
-// withdrew while it could not write.
-func (n *Node) reannounce(ctx context.Context, own map[string]bool) {
+// reannounce, after a reconnect, writes the presence of every registration
+// with members here (and touches its record, as a first join does: a node
+// cut off may have admitted members the others did not hear of), then
+// deletes this node's presence keys (in own) that it withdrew while it
+// could not write. Each write has its own timeout.
+func (n *Node) reannounce(own map[string]bool) {
+	var states []*regState
 	n.states.Range(func(_, v any) bool {
-		st := v.(*regState)
+		states = append(states, v.(*regState))
+		return true
+	})
+	for _, st := range states {
 		st.op.Lock()
-		if st.announced {
+		if reg := st.reg.Load(); st.announced && reg != nil {
 			delete(own, st.id)
-			if _, err := n.kv.Put(ctx, n.presenceKey(st.id), nil); err != nil {
-				n.log.Warn("cluster: presence not written", "reg", st.id, "err", err)
+			ctx, cancel := n.opCtx()
+			if _, err := n.writePresence(ctx, st, reg); err != nil && n.ctx.Err() == nil {
+				n.log.Warn("cluster: presence not written after the reconnect", "reg", st.id, "err", err)
 			}
+			cancel()
 		}
 		st.op.Unlock()
-		return ctx.Err() == nil
-	})
+	}
 	for id := range own {
-		st := n.state(id)
+		n.mu.Lock()
+		st := n.stateLocked(id)
+		n.mu.Unlock()
 		st.op.Lock()
 		if !st.announced {
+			ctx, cancel := n.opCtx()
 			n.kv.Delete(ctx, n.presenceKey(id))
+			cancel()
 		}
-		st.op.Unlock()
 		n.mu.Lock()
 		n.forgetStateLocked(st)
 		n.mu.Unlock()
+		st.op.Unlock()
+	}
+}
+
+// reassert writes this node's presence of id again after another node
+// deleted it (taking this node for dead while it was not), if it still has
+// members of id.
+func (n *Node) reassert(id string) {
+	v, ok := n.states.Load(id)
+	if !ok {
+		return
+	}
+	st := v.(*regState)
+	st.op.Lock()
+	defer st.op.Unlock()
+	reg := st.reg.Load()
+	n.mu.Lock()
+	busy := st.local > 0 && st.announced
+	n.mu.Unlock()
+	if !busy || reg == nil || !n.nc.IsConnected() {
+		return
+	}
+	ctx, cancel := n.opCtx()
+	defer cancel()
+	if rev, err := n.writePresence(ctx, st, reg); err == nil {
+		n.tellInterest(id, rev)
 	}
 }

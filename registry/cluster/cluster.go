@@ -76,8 +76,10 @@ type Node struct {
 	registry atomic.Pointer[registry.Registry]
 	synced   atomic.Bool // the watch has caught up since the last (re)connect
 	deferred atomic.Uint64
+	ownBeat  atomic.Int64 // unix ns when the watch last saw this node's heartbeat
 	dropped  atomic.Uint64
 	resync   chan struct{}
+	serving  chan struct{} // a token per request being answered (serveRequest)
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -97,6 +99,7 @@ type Node struct {
 	// direct word arriving after the watch saw it withdraw) is stale.
 	presenceRev map[string]map[string]uint64 // guarded by mu
 	nodes       map[string]time.Time         // guarded by mu; other nodes → when last heard
+	nodeRev     map[string]uint64            // guarded by mu; other nodes → their heartbeat's revision
 	handlers    map[string]Handler           // guarded by mu
 	nodeSub     *nats.Subscription
 }
@@ -139,10 +142,12 @@ func Dial(ctx context.Context, cfg Config) (*Node, error) {
 		id:          hex.EncodeToString(b[:]),
 		prefix:      "wsr." + cfg.Name,
 		resync:      make(chan struct{}, 1),
+		serving:     make(chan struct{}, maxServing),
 		recs:        make(map[string]recEntry),
 		presence:    make(map[string]map[string]struct{}),
 		presenceRev: make(map[string]map[string]uint64),
 		nodes:       make(map[string]time.Time),
+		nodeRev:     make(map[string]uint64),
 		handlers:    make(map[string]Handler),
 	}
 	n.log = cfg.Log.With("node", n.id)

@@ -212,3 +212,65 @@ func TestIdleDeleteRefusesAJoinElsewhere(t *testing.T) {
 		t.Fatalf("DeleteIdle with a member on B: %v, want ErrInUse", err)
 	}
 }
+
+// TestJoinAfterRemovalElsewhere: a join on a node whose watch has not yet
+// seen a removal made on another node is refused (not found), at once.
+func TestJoinAfterRemovalElsewhere(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := startNodes(t, ns, 2, time.Hour)
+	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	regB := get(t, n[1], reg.ID)
+	n[1].applyMu.Lock() // B's watch applies nothing for now
+	if err := reg.Remove(context.Background()); err != nil {
+		n[1].applyMu.Unlock()
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- regB.Join(newMember("late"), registry.RoleMember) }()
+	select {
+	case err = <-done:
+	case <-time.After(testTimeout):
+		t.Fatal("the join hangs")
+	}
+	n[1].applyMu.Unlock()
+	if !errors.Is(err, registry.ErrNotFound) {
+		t.Fatalf("join after the removal elsewhere: %v, want ErrNotFound", err)
+	}
+	// And the registration goes on B once its watch catches up.
+	if c := <-n[1].removed; c != registry.CauseRemote {
+		t.Fatalf("removed on B with %v, want remote", c)
+	}
+}
+
+// TestPresenceReasserted: a node whose presence key another node deleted
+// (taking it for dead while it was only slow) writes it again while it has
+// members.
+func TestPresenceReasserted(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := startNodes(t, ns, 2, time.Hour)
+	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	regB := get(t, n[1], reg.ID)
+	if err := regB.Join(newMember("b"), registry.RoleMember); err != nil {
+		t.Fatal(err)
+	}
+	if !n[0].Elsewhere(reg.ID) {
+		t.Fatal("A does not know of B's member after B's join")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	key := "p." + enc(reg.ID) + "." + n[1].id
+	if err := n[0].kv.Delete(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	waitUntil(t, "B's presence written again", func() bool {
+		e, err := n[0].kv.Get(ctx, key)
+		return err == nil && e.Operation() == jetstream.KeyValuePut
+	})
+	waitUntil(t, "A to count B again", func() bool { return n[0].Elsewhere(reg.ID) })
+}

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
@@ -52,7 +54,20 @@ const (
 // serveRequest answers another node's request, each on a goroutine of its
 // own: a relay waits for a device.
 func (n *Node) serveRequest(m *nats.Msg) {
+	select {
+	case n.serving <- struct{}{}:
+	default:
+		// As many requests as maxServing are being answered: this one is
+		// refused at once rather than queued without bound.
+		if m.Reply != "" {
+			reply := nats.NewMsg(m.Reply)
+			reply.Header.Set(hdrError, "busy")
+			n.nc.PublishMsg(reply)
+		}
+		return
+	}
 	go func() {
+		defer func() { <-n.serving }()
 		reply := nats.NewMsg(m.Reply)
 		body, err := n.answer(m)
 		switch {
@@ -64,10 +79,19 @@ func (n *Node) serveRequest(m *nats.Msg) {
 			reply.Data = body
 		}
 		if m.Reply != "" {
-			n.nc.PublishMsg(reply)
+			if err := n.nc.PublishMsg(reply); err != nil {
+				// Too large for NATS, most likely: say so instead.
+				reply.Data = nil
+				reply.Header.Set(hdrError, "answer not sent: "+err.Error())
+				n.nc.PublishMsg(reply)
+			}
 		}
 	}()
 }
+
+// maxServing bounds the other nodes' requests this node answers at once
+// (relays waiting on a device among them).
+const maxServing = 1024
 
 func (n *Node) answer(m *nats.Msg) ([]byte, error) {
 	if m.Header.Get(hdrMethod) == methodInterest {
@@ -153,3 +177,32 @@ func (n *Node) AskNode(ctx context.Context, node string, reg *registry.Registrat
 
 // ErrTooLarge means a request does not fit in one NATS message.
 var ErrTooLarge = errors.New("too large for the cluster's NATS messages")
+
+// Pack writes a request or answer body for another node: meta's JSON,
+// prefixed by its length (4 bytes, big-endian), then body's raw bytes.
+// meta must not marshal the body itself.
+func Pack(meta any, body []byte) ([]byte, error) {
+	m, err := json.Marshal(meta)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]byte, 4, 4+len(m)+len(body))
+	binary.BigEndian.PutUint32(out, uint32(len(m)))
+	out = append(out, m...)
+	return append(out, body...), nil
+}
+
+// Unpack reads what Pack wrote into meta and returns the body.
+func Unpack(b []byte, meta any) ([]byte, error) {
+	if len(b) < 4 {
+		return nil, errors.New("short message")
+	}
+	n := binary.BigEndian.Uint32(b)
+	if uint64(n) > uint64(len(b)-4) {
+		return nil, errors.New("bad length")
+	}
+	if err := json.Unmarshal(b[4:4+n], meta); err != nil {
+		return nil, err
+	}
+	return b[4+n:], nil
+}

@@ -145,8 +145,14 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 			return
 		}
 		if node == n.id {
-			if pass != nil && !deleted {
+			switch {
+			case pass != nil && !deleted:
 				pass.own[id] = true
+			case pass == nil && deleted:
+				// Withdrawn by this node, or deleted by another that
+				// took it for dead: written again if it still has
+				// members.
+				go n.reassert(id)
 			}
 			return
 		}
@@ -160,6 +166,9 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 	case strings.HasPrefix(key, "n."):
 		node := key[2:]
 		if node == n.id {
+			if !deleted {
+				n.ownBeat.Store(time.Now().UnixNano())
+			}
 			return
 		}
 		if deleted {
@@ -168,6 +177,7 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 		}
 		n.mu.Lock()
 		n.nodes[node] = time.Now()
+		n.nodeRev[node] = e.Revision()
 		n.mu.Unlock()
 	}
 }
@@ -291,9 +301,7 @@ func (n *Node) caughtUp(pass *firstPass) {
 	for _, s := range stale {
 		n.setPresence(s[0], s[1], false, 0)
 	}
-	ctx, cancel := n.opCtx()
-	n.reannounce(ctx, pass.own)
-	cancel()
+	n.reannounce(pass.own)
 	n.synced.Store(true)
 	n.log.Info("cluster: in sync", "registrations", r.Len())
 }
@@ -337,7 +345,7 @@ func (n *Node) setPresence(id, node string, here bool, rev uint64) {
 			delete(n.presence, id)
 		}
 	}
-	st := n.state(id)
+	st := n.stateLocked(id)
 	live := n.liveElsewhereLocked(id)
 	st.remote.Store(int32(live))
 	if live == 0 {
@@ -377,10 +385,14 @@ func (n *Node) nodeDied(node string) {
 		return
 	}
 	delete(n.nodes, node)
+	beatRev := n.nodeRev[node]
+	delete(n.nodeRev, node)
 	var ids []string
+	revs := make(map[string]uint64)
 	for id, nodes := range n.presence {
 		if _, ok := nodes[node]; ok {
 			ids = append(ids, id)
+			revs[id] = n.presenceRev[id][node]
 		}
 	}
 	n.mu.Unlock()
@@ -389,17 +401,26 @@ func (n *Node) nodeDied(node string) {
 		n.setPresence(id, node, false, 0)
 	}
 	n.mu.Lock()
-	for _, revs := range n.presenceRev {
-		delete(revs, node)
+	for _, r := range n.presenceRev {
+		delete(r, node)
 	}
 	n.mu.Unlock()
+	// Its keys go, but only as this node saw them: a node that was only
+	// slow and has written them again since keeps them (and its watch
+	// writes again what it finds deleted).
 	go func() {
-		ctx, cancel := n.opCtx()
-		defer cancel()
-		for _, id := range ids {
-			n.kv.Delete(ctx, "p."+enc(id)+"."+node)
+		del := func(key string, rev uint64) {
+			ctx, cancel := n.opCtx()
+			defer cancel()
+			if rev == 0 {
+				return
+			}
+			n.kv.Delete(ctx, key, jetstream.LastRevision(rev))
 		}
-		n.kv.Delete(ctx, "n."+node)
+		for _, id := range ids {
+			del("p."+enc(id)+"."+node, revs[id])
+		}
+		del("n."+node, beatRev)
 	}()
 }
 
@@ -409,6 +430,7 @@ func (n *Node) beat() {
 	defer n.wg.Done()
 	t := time.NewTicker(n.cfg.Heartbeat)
 	defer t.Stop()
+	lastPurge := time.Now()
 	for {
 		if n.nc.IsConnected() {
 			ctx, cancel := n.opCtx()
@@ -418,8 +440,21 @@ func (n *Node) beat() {
 			cancel()
 		}
 		n.forgetTombstones()
-		if !n.Degraded() {
-			// Only a node that hears the cluster may judge others silent.
+		if time.Since(lastPurge) > purgeEvery {
+			// Delete markers (of removed registrations, withdrawn
+			// presence, nodes gone) older than half an hour go; every
+			// node does it, which is harmless.
+			lastPurge = time.Now()
+			ctx, cancel := context.WithTimeout(n.ctx, time.Minute)
+			if err := n.kv.PurgeDeletes(ctx); err != nil && n.ctx.Err() == nil {
+				n.log.Warn("cluster: purging old delete markers failed", "err", err)
+			}
+			cancel()
+		}
+		// Only a node that hears the cluster, and whose watch is not
+		// behind (it has seen its own latest heartbeat), may judge
+		// others silent.
+		if fresh := time.Since(time.Unix(0, n.ownBeat.Load())) < n.cfg.DeadAfter/2; fresh && !n.Degraded() {
 			deadline := time.Now().Add(-n.cfg.DeadAfter)
 			var dead []string
 			n.mu.Lock()
@@ -440,6 +475,9 @@ func (n *Node) beat() {
 		}
 	}
 }
+
+// purgeEvery is how often a node purges old delete markers from the bucket.
+const purgeEvery = 10 * time.Minute
 
 // Elsewhere reports whether a live other node has members of id.
 func (n *Node) Elsewhere(id string) bool {

@@ -269,7 +269,9 @@ func (p *Proxy) roundTrip(w http.ResponseWriter, r *http.Request) (string, *resp
 	if t.Remote != nil {
 		ctx, cancel := context.WithTimeout(r.Context(), p.Timeout+remoteSlack)
 		defer cancel()
-		a, err := t.Remote(ctx, &Exchange{Method: r.Method, Path: t.Path, Query: t.Query, Header: r.Header, Body: body, Client: t.Client})
+		// The router's credentials (and cookies) never cross to the
+		// other node: the device would not see them either.
+		a, err := t.Remote(ctx, &Exchange{Method: r.Method, Path: t.Path, Query: t.Query, Header: endToEnd(r.Header, dropRequestHeaders), Body: body, Client: t.Client})
 		if errors.Is(err, context.DeadlineExceeded) && r.Context().Err() == nil {
 			err = ErrTimeout
 		}

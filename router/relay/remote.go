@@ -2,14 +2,13 @@ package relay
 
 import (
 	"context"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
 
 	"wsrouter/registry"
+	"wsrouter/registry/cluster"
 )
 
 // A relay request between the nodes of a cluster: the node the caller
@@ -71,50 +70,24 @@ func (a *Answer) Err() error {
 	if err, ok := errorNames[a.Error]; ok {
 		return err
 	}
-	return fmt.Errorf("relay on another node: %s", a.Error)
+	// Something went wrong on the host's node: the gateway's fault, 502.
+	return fmt.Errorf("%w: on another node: %s", ErrBadReply, a.Error)
 }
 
 // On the wire between nodes, an Exchange or an Answer is its JSON without
-// the body, prefixed by that JSON's length (4 bytes, big-endian) and
-// followed by the body's raw bytes: base64 in JSON would make a body a third
-// larger than a NATS message may be.
+// the body, and then the body's raw bytes (cluster.Pack): base64 in JSON
+// would make a body a third larger than a NATS message may be.
 
 // Encode returns x as it crosses to another node.
-func (x *Exchange) Encode() ([]byte, error) { return encodeWithBody(x, x.Body) }
+func (x *Exchange) Encode() ([]byte, error) { return cluster.Pack(x, x.Body) }
 
 // Encode returns a as it crosses back.
-func (a *Answer) Encode() ([]byte, error) { return encodeWithBody(a, a.Body) }
-
-// encodeWithBody writes v (whose body field is not marshalled) and b.
-func encodeWithBody(v any, b []byte) ([]byte, error) {
-	meta, err := json.Marshal(v)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]byte, 4, 4+len(meta)+len(b))
-	binary.BigEndian.PutUint32(out, uint32(len(meta)))
-	out = append(out, meta...)
-	return append(out, b...), nil
-}
-
-func decodeWithBody(b []byte, v any) ([]byte, error) {
-	if len(b) < 4 {
-		return nil, errors.New("short message")
-	}
-	n := binary.BigEndian.Uint32(b)
-	if uint64(n) > uint64(len(b)-4) {
-		return nil, errors.New("bad length")
-	}
-	if err := json.Unmarshal(b[4:4+n], v); err != nil {
-		return nil, err
-	}
-	return b[4+n:], nil
-}
+func (a *Answer) Encode() ([]byte, error) { return cluster.Pack(a, a.Body) }
 
 // DecodeExchange reads what Exchange.Encode wrote.
 func DecodeExchange(b []byte) (*Exchange, error) {
 	var x Exchange
-	body, err := decodeWithBody(b, &x)
+	body, err := cluster.Unpack(b, &x)
 	x.Body = body
 	return &x, err
 }
@@ -122,7 +95,7 @@ func DecodeExchange(b []byte) (*Exchange, error) {
 // DecodeAnswer reads what Answer.Encode wrote.
 func DecodeAnswer(b []byte) (*Answer, error) {
 	var a Answer
-	body, err := decodeWithBody(b, &a)
+	body, err := cluster.Unpack(b, &a)
 	a.Body = body
 	return &a, err
 }
