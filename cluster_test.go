@@ -89,10 +89,15 @@ func TestClusterFlagErrors(t *testing.T) {
 		{[]string{"-cluster", "a.b"}, "-cluster"},
 		{[]string{"-cluster", ""}, "-cluster"},
 		{[]string{"-nats", "nats://127.0.0.1:1"}, "NATS"}, // nobody there
+		{[]string{"-nats", "nats://wsr:s3cretpw@127.0.0.1:1"}, "nats://…@127.0.0.1:1"},
 	} {
-		err := run(context.Background(), append([]string{"-addr", "127.0.0.1:0"}, c.args...), io.Discard, io.Discard)
+		var log strings.Builder
+		err := run(context.Background(), append([]string{"-addr", "127.0.0.1:0"}, c.args...), io.Discard, &log)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%v: got %v, want an error naming %s", c.args, err, c.want)
+		}
+		if strings.Contains(err.Error()+log.String(), "s3cretpw") {
+			t.Errorf("%v: the NATS password is in the error or the log", c.args)
 		}
 	}
 }

@@ -631,15 +631,19 @@ func (o *options) loadTokenKeys(keeper secretKeeper, log *slog.Logger) error {
 			return fmt.Errorf("-token-key %s: %w", o.tokenKey, err)
 		}
 	case keeper != nil:
+		where := o.data
+		if o.nats != "" {
+			where = "NATS bucket " + o.cluster
+		}
 		der, err := keeper.Secret("token-key", func() ([]byte, error) {
-			log.Info("token key generated", "kept_in", o.data)
+			log.Info("token key generated", "kept_in", where)
 			return token.MarshalPKCS8(token.GenerateKey()), nil
 		})
 		if err != nil {
 			return fmt.Errorf("token key: %w", err)
 		}
 		if tc.Key, err = token.ParsePKCS8(der); err != nil {
-			return fmt.Errorf("token key in %s: %w", o.data, err)
+			return fmt.Errorf("token key in %s: %w", where, err)
 		}
 	default:
 		tc.Key = token.GenerateKey()
