@@ -304,7 +304,7 @@ func (rt *Router) serveMembers(w http.ResponseWriter, r *http.Request) {
 	}
 	ms := membersJSON(t.reg.Members())
 	if rt.cfg.Cluster != nil {
-		ms = rt.clusterMembers(r.Context(), t.reg, ms)
+		ms = rt.clusterMembers(r.Context(), t.reg, ms, nil)
 	}
 	writeJSON(w, struct {
 		Members []memberJSON `json:"members"`

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -52,6 +53,7 @@ func (rt *Router) cut() bool {
 func (rt *Router) clusterUp(c *cluster.Node) {
 	c.Handle("relay", rt.answerRelay)
 	c.Handle("members", rt.answerMembers)
+	c.Handle("allmembers", rt.answerAllMembers)
 	c.Handle("send", rt.answerSend)
 	c.Handle("close", rt.answerClose)
 	rt.metrics.prom.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
@@ -138,14 +140,34 @@ func (rt *Router) answerRelay(ctx context.Context, reg *registry.Registration, b
 	return b, nil
 }
 
-// clusterMembers adds the members on other nodes to local, for /members.
-// A node cut off lists its own.
-func (rt *Router) clusterMembers(ctx context.Context, reg *registry.Registration, local []memberJSON) []memberJSON {
+// nodeMembers is one node's members of a registration, with the number of
+// the last of its events they reflect.
+type nodeMembers struct {
+	Node    string       `json:"node"`
+	ID      string       `json:"id,omitempty"` // the registration, in a server-wide list
+	Gen     uint64       `json:"gen,string"`
+	Seq     uint64       `json:"seq"`
+	Members []memberJSON `json:"members"`
+}
+
+func nodeMembersOf(node string, reg *registry.Registration) nodeMembers {
+	members, seq := reg.View()
+	return nodeMembers{Node: node, Gen: reg.Generation, Seq: seq, Members: membersJSON(members)}
+}
+
+// clusterMembers adds the members on other nodes to local, for /members
+// and an info stream's snapshot; floor, if not nil, gets each node's last
+// event number. A node cut off lists its own.
+func (rt *Router) clusterMembers(ctx context.Context, reg *registry.Registration, local []memberJSON, floor map[string]uint64) []memberJSON {
 	answers, _ := rt.askAll(ctx, reg, "members", nil)
 	for _, b := range answers {
-		var ms []memberJSON
-		if json.Unmarshal(b, &ms) == nil {
-			local = append(local, ms...)
+		var nm nodeMembers
+		if json.Unmarshal(b, &nm) != nil {
+			continue
+		}
+		local = append(local, nm.Members...)
+		if floor != nil {
+			floor[floorKey(reg.ID, nm.Node)] = nm.Seq
 		}
 	}
 	slices.SortFunc(local, func(a, b memberJSON) int { return a.ConnectedAt.Compare(b.ConnectedAt) })
@@ -153,7 +175,118 @@ func (rt *Router) clusterMembers(ctx context.Context, reg *registry.Registration
 }
 
 func (rt *Router) answerMembers(_ context.Context, reg *registry.Registration, _ []byte) ([]byte, error) {
-	return json.Marshal(membersJSON(reg.Members()))
+	return json.Marshal(nodeMembersOf(rt.cfg.Cluster.ID(), reg))
+}
+
+// clusterAllMembers asks every other node for its members of every
+// registration, for a server-wide snapshot: by registration id and
+// generation (floorKey(id, gen)), with each node's event numbers in floor.
+// A node whose answer does not fit in a NATS message is missing, and
+// logged.
+func (rt *Router) clusterAllMembers(ctx context.Context, floor map[string]uint64) map[string][]memberJSON {
+	if rt.cut() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, askTimeout)
+	defer cancel()
+	out := make(map[string][]memberJSON)
+	for _, a := range rt.cfg.Cluster.AskEvery(ctx, "allmembers", nil) {
+		var all []nodeMembers
+		if a.Err != nil || json.Unmarshal(a.Body, &all) != nil {
+			rt.logs.info("cluster", "a node's members are missing from a snapshot", "peer", a.Node, "err", a.Err)
+			continue
+		}
+		for _, nm := range all {
+			if len(nm.Members) == 0 {
+				continue
+			}
+			id := nm.ID
+			key := floorKey(id, strconv.FormatUint(nm.Gen, 10))
+			out[key] = append(out[key], nm.Members...)
+			floor[floorKey(id, a.Node)] = nm.Seq
+		}
+	}
+	return out
+}
+
+// answerAllMembers lists this node's members of every registration that
+// has some here.
+func (rt *Router) answerAllMembers(context.Context, *registry.Registration, []byte) ([]byte, error) {
+	var all []nodeMembers
+	rt.registry.Each(func(reg *registry.Registration) {
+		if h, c, m := reg.Counts(); h+c+m > 0 {
+			nm := nodeMembersOf(rt.cfg.Cluster.ID(), reg)
+			nm.ID = reg.ID
+			all = append(all, nm)
+		}
+	})
+	return json.Marshal(all)
+}
+
+// clusterEvent is a member's lifecycle event on its way to the other nodes'
+// info streams.
+type clusterEvent struct {
+	Node  string    `json:"node"`
+	Gen   uint64    `json:"gen,string"`
+	Seq   uint64    `json:"seq"`
+	Event infoEvent `json:"event"` // without its member, which json cannot decode embedded
+	// Member is the event's member.
+	Member *memberJSON `json:"member"`
+}
+
+// shareEvent sends a member's event to the other nodes' watchers.
+func (rt *Router) shareEvent(ev registry.Event, e infoEvent) {
+	c := rt.cfg.Cluster
+	member := e.memberJSON
+	e.memberJSON = nil
+	if b, err := json.Marshal(clusterEvent{Node: c.ID(), Gen: ev.Reg.Generation, Seq: ev.Seq, Event: e, Member: member}); err == nil {
+		c.PublishEvent(ev.Reg.ID, b)
+	}
+}
+
+// onClusterEvent hands another node's event to this node's watchers.
+func (rt *Router) onClusterEvent(id string, data []byte) {
+	var ce clusterEvent
+	if json.Unmarshal(data, &ce) != nil || ce.Node == "" || ce.Member == nil {
+		return
+	}
+	ce.Event.memberJSON = ce.Member
+	rt.deliverInfo(id, ce.Gen, infoFrame{reg: id, node: ce.Node, seq: ce.Seq}, ce.Event, registry.EventJoin)
+}
+
+// followEvents makes this node hear the other nodes' events while it has
+// watchers: the first one subscribes (confirmed before its snapshot is
+// taken); dropWatcher undoes it.
+func (rt *Router) followEvents() error {
+	if rt.cfg.Cluster == nil {
+		return nil
+	}
+	rt.followMu.Lock()
+	defer rt.followMu.Unlock()
+	if rt.following == 0 {
+		stop, err := rt.cfg.Cluster.FollowEvents(rt.onClusterEvent)
+		if err != nil {
+			return fmt.Errorf("%w: %w", registry.ErrStore, err)
+		}
+		rt.unfollow = stop
+	}
+	rt.following++
+	return nil
+}
+
+// dropWatcher removes a watcher and, on a cluster node, stops following
+// the other nodes' events with the last one.
+func (rt *Router) dropWatcher(w *watcher) {
+	rt.watchers.remove(w)
+	if rt.cfg.Cluster == nil {
+		return
+	}
+	rt.followMu.Lock()
+	defer rt.followMu.Unlock()
+	if rt.following--; rt.following == 0 {
+		rt.unfollow()
+		rt.unfollow = nil
+	}
 }
 
 // sendRequest is /send or DELETE /member on its way to another node; a

@@ -39,6 +39,11 @@ var clusterSeq struct {
 // newCluster starts n routers sharing a fresh cluster (a bucket of its own)
 // on ns.
 func newCluster(t *testing.T, ns *clustertest.NATS, n int, regCfg registry.Config) []*clusterNode {
+	return newClusterConfig(t, ns, n, Config{Registry: regCfg})
+}
+
+// newClusterConfig is newCluster with a router configuration.
+func newClusterConfig(t *testing.T, ns *clustertest.NATS, n int, base Config) []*clusterNode {
 	t.Helper()
 	clusterSeq.Lock()
 	clusterSeq.n++
@@ -55,7 +60,8 @@ func newCluster(t *testing.T, ns *clustertest.NATS, n int, regCfg registry.Confi
 		}
 		t.Cleanup(func() { node.Close() }) // after the router's shutdown
 		cn := &clusterNode{node: node, created: make(chan string, 1024)}
-		cfg := Config{Cluster: node, Registry: regCfg}
+		cfg := base
+		cfg.Cluster = node
 		cfg.Registry.Store, cfg.Registry.Broker = node, node
 		cfg.Registry.Observers = []registry.Observer{func(ev registry.Event) {
 			if ev.Kind == registry.EventCreate {
@@ -447,4 +453,59 @@ func TestClusterNATSRestart(t *testing.T) {
 	} else if m == "local" {
 		expectNext(t, b, "and back")
 	}
+}
+
+// TestClusterInfo: an info stream on one node sees the members of every
+// node, in its snapshot and as they come and go, nothing missed or doubled.
+func TestClusterInfo(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := newClusterConfig(t, ns, 2, Config{Registry: regCfgKeep(), AdminToken: "adm"})
+	id := n[0].register(t, "lobby")
+	m1 := n[1].dial(t, id, "") // on B, before the streams open
+	one := n[0].watch(t, url.Values{"id": {id}, "host_key": {testHostKey}}, nil)
+	all := n[0].watch(t, nil, http.Header{"Authorization": {"Bearer adm"}})
+
+	snap := readInfo(t, one)
+	if snap.Type != "snapshot" || len(snap.Members) != 1 {
+		t.Fatalf("snapshot on A: %+v, want B's member", snap)
+	}
+	snapAll := readInfo(t, all)
+	if snapAll.Type != "snapshot" || len(snapAll.Registrations) != 1 || len(snapAll.Registrations[0].Members) != 1 {
+		t.Fatalf("server-wide snapshot on A: %+v, want the registration with B's member", snapAll)
+	}
+
+	m2 := n[1].dial(t, id, "")
+	for _, c := range []*websocket.Conn{one, all} {
+		if f := readInfo(t, c); f.Type != "join" || f.Conn == snap.Members[0].Conn {
+			t.Fatalf("after a join on B: %+v, want the new member's join", f)
+		}
+	}
+	m1.Close(websocket.StatusNormalClosure, "")
+	for _, c := range []*websocket.Conn{one, all} {
+		if f := readInfo(t, c); f.Type != "leave" || f.Conn != snap.Members[0].Conn || f.Code != 1000 {
+			t.Fatalf("after a leave on B: %+v, want its leave with 1000", f)
+		}
+	}
+	// A's own member comes in order too, then a removal ends the stream.
+	n[0].dial(t, id, "")
+	if f := readInfo(t, one); f.Type != "join" {
+		t.Fatalf("after a join on A: %+v", f)
+	}
+	q := url.Values{"id": {id}, "key": {testKey}, "host_key": {testHostKey}}
+	if code, _, _ := n[1].do(t, "GET", "/remove?"+q.Encode(), nil, nil); code != 200 {
+		t.Fatal("remove on B failed")
+	}
+	for {
+		f := readInfo(t, one)
+		if f.Type == "remove" {
+			break
+		}
+		if f.Type != "leave" { // the members' leaves may come first
+			t.Fatalf("before the removal: %+v", f)
+		}
+	}
+	if code, _ := closeStatus(t, one); code != 4000 {
+		t.Fatalf("stream closed with %d, want 4000", code)
+	}
+	_ = m2
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -74,11 +75,23 @@ type watcher struct {
 	wake    chan struct{}     // capacity 1
 }
 
-// infoFrame is an event for a watcher, with what the snapshot filter needs.
+// infoFrame is an event for a watcher, with what the snapshot filter needs:
+// the registration, and the node whose event it is ("" for this one), whose
+// events are numbered by seq.
 type infoFrame struct {
 	reg  string
+	node string
 	seq  uint64
 	data []byte
+}
+
+// floorKey names a registration's events on one node in a snapshot's
+// floor.
+func floorKey(reg, node string) string {
+	if node == "" {
+		return reg
+	}
+	return reg + "/" + node
 }
 
 func (ws *watchers) add(w *watcher) error {
@@ -154,27 +167,45 @@ type infoEvent struct {
 	CreatedAt *time.Time `json:"created_at,omitempty"`
 }
 
-// observeInfo hands a lifecycle event to the watchers it concerns. It runs
-// on the registry's observer path: it encodes at most twice and never
-// blocks.
+// observeInfo hands a lifecycle event to the watchers it concerns, and on
+// a cluster node a member's event to the other nodes' watchers too. It
+// runs on the registry's observer path: it encodes at most three times and
+// never blocks.
 func (rt *Router) observeInfo(ev registry.Event) {
-	if rt.watchers.n.Load() == 0 {
+	shared := rt.cfg.Cluster != nil && isMemberEvent(ev.Kind)
+	if rt.watchers.n.Load() == 0 && !shared {
 		return
 	}
-	one, all := rt.watchers.list(ev.Reg.ID)
-	if len(one) == 0 && len(all) == 0 {
+	e, ok := infoEventOf(ev)
+	if !ok {
 		return
 	}
+	if shared {
+		rt.shareEvent(ev, e)
+	}
+	rt.deliverInfo(ev.Reg.ID, ev.Reg.Generation, infoFrame{reg: ev.Reg.ID, seq: ev.Seq}, e, ev.Kind)
+}
+
+func isMemberEvent(k registry.EventKind) bool {
+	switch k {
+	case registry.EventJoin, registry.EventLeave, registry.EventSubscribe, registry.EventUnsubscribe:
+		return true
+	}
+	return false
+}
+
+// infoEventOf is ev as a watcher sees it; false for what watchers are not
+// told (a shutdown).
+func infoEventOf(ev registry.Event) (infoEvent, bool) {
 	e := infoEvent{Time: ev.Time.UTC()}
 	switch ev.Kind {
 	case registry.EventCreate:
 		e.Type, e.RegType = "register", ev.Reg.Type.String()
 		created := ev.Reg.Created.UTC()
 		e.CreatedAt = &created
-		one = nil // a registration's own watchers came after it was made
 	case registry.EventRemove:
 		if ev.Cause == registry.CauseShutdown {
-			return // closeWatchers says 1001 instead
+			return e, false // closeWatchers says 1001 instead
 		}
 		e.Type = "remove"
 	case registry.EventJoin, registry.EventLeave, registry.EventSubscribe, registry.EventUnsubscribe:
@@ -187,25 +218,39 @@ func (rt *Router) observeInfo(ev registry.Event) {
 			e.Event = ev.Pattern
 		}
 	default:
+		return e, false
+	}
+	return e, true
+}
+
+// deliverInfo queues event e of registration id (generation gen) to the
+// watchers it concerns; f carries its place for the snapshot filter.
+func (rt *Router) deliverInfo(id string, gen uint64, f infoFrame, e infoEvent, kind registry.EventKind) {
+	if rt.watchers.n.Load() == 0 {
 		return
 	}
+	one, all := rt.watchers.list(id)
+	if kind == registry.EventCreate {
+		one = nil // a registration's own watchers came after it was made
+	}
 	if len(one) > 0 {
-		data, _ := json.Marshal(e)
+		e.Registration = ""
+		f.data, _ = json.Marshal(e)
 		for _, w := range one {
-			if w.reg != ev.Reg {
+			if w.reg.Generation != gen {
 				continue // a registration made again under its id: not the one watched
 			}
-			w.event(infoFrame{ev.Reg.ID, ev.Seq, data})
-			if ev.Kind == registry.EventRemove {
+			w.event(f)
+			if kind == registry.EventRemove {
 				w.closeAfter(codeRemoved, "registration removed")
 			}
 		}
 	}
 	if len(all) > 0 {
-		e.Registration = ev.Reg.ID
-		data, _ := json.Marshal(e)
+		e.Registration = id
+		f.data, _ = json.Marshal(e)
 		for _, w := range all {
-			w.event(infoFrame{ev.Reg.ID, ev.Seq, data})
+			w.event(f)
 		}
 	}
 }
@@ -229,7 +274,7 @@ func (w *watcher) start(snapshot []byte, floor map[string]uint64) {
 	w.started, w.floor = true, floor
 	w.pushLocked(snapshot)
 	for _, f := range w.pending {
-		if s, ok := floor[f.reg]; !ok || f.seq > s {
+		if s, ok := floor[floorKey(f.reg, f.node)]; !ok || f.seq > s {
 			w.pushLocked(f.data)
 		}
 	}
@@ -330,7 +375,7 @@ func (rt *Router) serveInfo(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer rt.conns.Done()
-	defer rt.watchers.remove(watcher)
+	defer rt.dropWatcher(watcher)
 	opts := &websocket.AcceptOptions{InsecureSkipVerify: true} // origins checked in admitWatcher
 	if slices.Contains(subprotocols(r), infoProtocol) {
 		opts.Subprotocols = []string{infoProtocol}
@@ -407,11 +452,16 @@ func (rt *Router) admitWatcher(w http.ResponseWriter, r *http.Request) (*watcher
 		rt.conns.Done()
 		return nil, nil, nil, err
 	}
+	if err := rt.followEvents(); err != nil {
+		rt.watchers.remove(wt)
+		rt.conns.Done()
+		return nil, nil, nil, err
+	}
 	// Removed while the credentials were checked: its remove event came
 	// before the watcher could hear it. Once the watcher is in, a removal
 	// not yet made will reach it.
 	if reg != nil && reg.Removed() {
-		rt.watchers.remove(wt)
+		rt.dropWatcher(wt)
 		rt.conns.Done()
 		return nil, nil, nil, registry.ErrNotFound
 	}
@@ -420,17 +470,31 @@ func (rt *Router) admitWatcher(w http.ResponseWriter, r *http.Request) (*watcher
 	if reg != nil {
 		members, seq := reg.View()
 		floor[reg.ID] = seq
+		ms := membersJSON(members)
+		if rt.cfg.Cluster != nil {
+			// The other nodes' members, each node's with the number
+			// of its last event they reflect.
+			ms = rt.clusterMembers(r.Context(), reg, ms, floor)
+		}
 		snap = struct {
 			Type         string       `json:"type"`
 			Registration infoReg      `json:"registration"`
 			Members      []memberJSON `json:"members"`
-		}{"snapshot", infoReg{ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC()}, membersJSON(members)}
+		}{"snapshot", infoReg{ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC()}, ms}
 	} else {
+		var remote map[string][]memberJSON
+		if rt.cfg.Cluster != nil {
+			remote = rt.clusterAllMembers(r.Context(), floor)
+		}
 		regs := []infoReg{}
 		rt.registry.Each(func(reg *registry.Registration) {
 			members, seq := reg.View()
 			floor[reg.ID] = seq
 			m := membersJSON(members)
+			if more := remote[floorKey(reg.ID, strconv.FormatUint(reg.Generation, 10))]; len(more) > 0 {
+				m = append(m, more...)
+				slices.SortFunc(m, func(a, b memberJSON) int { return a.ConnectedAt.Compare(b.ConnectedAt) })
+			}
 			regs = append(regs, infoReg{ID: reg.ID, Type: reg.Type.String(), Created: reg.Created.UTC(), Members: &m})
 		})
 		slices.SortFunc(regs, func(a, b infoReg) int { return a.Created.Compare(b.Created) })
@@ -441,7 +505,7 @@ func (rt *Router) admitWatcher(w http.ResponseWriter, r *http.Request) (*watcher
 	}
 	data, err := json.Marshal(snap)
 	if err != nil {
-		rt.watchers.remove(wt)
+		rt.dropWatcher(wt)
 		rt.conns.Done()
 		return nil, nil, nil, err
 	}

@@ -34,6 +34,11 @@ type Router struct {
 	limits    *limits
 	tokens    *tokens
 	watchers  watchers // the info streams
+	// On a cluster node, the subscription to the other nodes' events,
+	// held while there are watchers (followEvents).
+	followMu  sync.Mutex
+	following int    // guarded by followMu
+	unfollow  func() // guarded by followMu
 
 	baseCtx    context.Context // parent of every connection's context
 	cancelBase context.CancelFunc

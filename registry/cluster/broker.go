@@ -230,15 +230,7 @@ func (n *Node) touch(ctx context.Context, reg *registry.Registration) error {
 // have heard it: their watch would tell them a moment later, but a member
 // hears the others from its 101 on, so their next message must come here.
 func (n *Node) tellInterest(id string, rev uint64) {
-	n.mu.Lock()
-	deadline := time.Now().Add(-n.cfg.DeadAfter)
-	var peers []string
-	for node, seen := range n.nodes {
-		if seen.After(deadline) {
-			peers = append(peers, node)
-		}
-	}
-	n.mu.Unlock()
+	peers := n.livePeers()
 	ctx, cancel := context.WithTimeout(n.ctx, min(n.cfg.OpTimeout, 2*time.Second))
 	defer cancel()
 	var wg sync.WaitGroup

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 
 	"github.com/nats-io/nats.go"
@@ -109,8 +110,12 @@ func (n *Node) answer(m *nats.Msg) ([]byte, error) {
 	if h == nil {
 		return nil, fmt.Errorf("no method %q", m.Header.Get(hdrMethod))
 	}
+	id := m.Header.Get(hdrReg)
+	if id == "" {
+		return h(n.ctx, nil, m.Data) // about the node, not one registration
+	}
 	gen, _ := strconv.ParseUint(m.Header.Get(hdrGen), 10, 64)
-	reg, err := n.registry.Load().Get(m.Header.Get(hdrReg))
+	reg, err := n.registry.Load().Get(id)
 	if err != nil || reg.Generation != gen {
 		return nil, ErrNoOne
 	}
@@ -144,16 +149,35 @@ func (n *Node) Ask(ctx context.Context, reg *registry.Registration, method strin
 	return out
 }
 
-// AskNode sends a request about reg to one node and waits for its answer
-// until ctx ends.
+// AskEvery sends a request about no registration in particular (reg nil
+// for its handlers) to every live other node, at once, and returns their
+// answers when all have come or ctx ended.
+func (n *Node) AskEvery(ctx context.Context, method string, body []byte) []Answer {
+	peers := n.livePeers()
+	out := make([]Answer, len(peers))
+	var wg sync.WaitGroup
+	for i, peer := range peers {
+		wg.Go(func() {
+			b, err := n.AskNode(ctx, peer, nil, method, body)
+			out[i] = Answer{Node: peer, Body: b, Err: err}
+		})
+	}
+	wg.Wait()
+	return out
+}
+
+// AskNode sends a request about reg (nil: about none) to one node and
+// waits for its answer until ctx ends.
 func (n *Node) AskNode(ctx context.Context, node string, reg *registry.Registration, method string, body []byte) ([]byte, error) {
 	if n.Degraded() {
 		return nil, ErrCut
 	}
 	m := nats.NewMsg(n.prefix + ".n." + node)
 	m.Header.Set(hdrMethod, method)
-	m.Header.Set(hdrReg, reg.ID)
-	m.Header.Set(hdrGen, strconv.FormatUint(reg.Generation, 10))
+	if reg != nil {
+		m.Header.Set(hdrReg, reg.ID)
+		m.Header.Set(hdrGen, strconv.FormatUint(reg.Generation, 10))
+	}
 	m.Data = body
 	if int64(len(body))+1024 > n.nc.MaxPayload() {
 		return nil, ErrTooLarge
@@ -205,4 +229,33 @@ func Unpack(b []byte, meta any) ([]byte, error) {
 		return nil, err
 	}
 	return b[4+n:], nil
+}
+
+// PublishEvent sends one of this node's lifecycle events of registration
+// id, already encoded, to the nodes that follow events (FollowEvents). At
+// most once: an event nobody follows, or sent while NATS is away past the
+// reconnect buffer, is gone.
+func (n *Node) PublishEvent(id string, data []byte) {
+	if err := n.nc.Publish(n.prefix+".e."+enc(id), data); err != nil {
+		n.dropped.Add(1)
+	}
+}
+
+// FollowEvents calls f with every other node's lifecycle events until the
+// returned stop is called; it returns once the NATS server has the
+// subscription, so that events published after that are not missed.
+func (n *Node) FollowEvents(f func(id string, data []byte)) (stop func(), err error) {
+	prefix := n.prefix + ".e."
+	sub, err := n.nc.Subscribe(prefix+"*", func(m *nats.Msg) {
+		if id, ok := dec(strings.TrimPrefix(m.Subject, prefix)); ok {
+			f(id, m.Data)
+		}
+	})
+	if err != nil {
+		return nil, err
+	}
+	if n.nc.IsConnected() {
+		n.nc.FlushTimeout(n.cfg.OpTimeout)
+	}
+	return func() { sub.Unsubscribe() }, nil
 }

@@ -486,6 +486,20 @@ func (n *Node) Elsewhere(id string) bool {
 	return n.liveElsewhereLocked(id) > 0
 }
 
+// livePeers returns the live other nodes.
+func (n *Node) livePeers() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	deadline := time.Now().Add(-n.cfg.DeadAfter)
+	var out []string
+	for node, seen := range n.nodes {
+		if seen.After(deadline) {
+			out = append(out, node)
+		}
+	}
+	return out
+}
+
 // Peers returns the live other nodes with members of id.
 func (n *Node) Peers(id string) []string {
 	n.mu.Lock()
