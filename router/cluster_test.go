@@ -509,3 +509,31 @@ func TestClusterInfo(t *testing.T) {
 	}
 	_ = m2
 }
+
+// TestClusterNodeDies: a node goes away; its members reconnect to another
+// node and carry on in the same registration.
+func TestClusterNodeDies(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := newCluster(t, ns, 2, regCfgKeep())
+	id := n[0].register(t, "lobby")
+	a := n[0].dial(t, id, "")
+	b := n[1].dial(t, id, "")
+	write(t, b, "before")
+	expectNext(t, a, "before")
+
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	closed := make(chan websocket.StatusCode, 1)
+	go func() { // reading, so that the close handshake completes
+		code, _ := closeStatus(t, b)
+		closed <- code
+	}()
+	n[1].rt.Shutdown(ctx)
+	n[1].node.Close()
+	if code := <-closed; code != 1001 {
+		t.Fatalf("member of the node that went: closed with %d, want 1001", code)
+	}
+	b2 := n[0].dial(t, id, "") // back, through the other node
+	write(t, b2, "after")
+	expectNext(t, a, "after")
+}
