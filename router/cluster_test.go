@@ -537,3 +537,26 @@ func TestClusterNodeDies(t *testing.T) {
 	write(t, b2, "after")
 	expectNext(t, a, "after")
 }
+
+// TestClusterPubSub: a publish on one node reaches the subscribers on the
+// others, from a member's socket and from POST /publish.
+func TestClusterPubSub(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := newCluster(t, ns, 3, regCfgKeep())
+	id := n[0].register(t, "pubsub")
+	sub := n[0].dial(t, id, "")
+	n[0].subscribe(t, sub, "alerts.>")
+	pub := n[1].dial(t, id, "")
+	write(t, pub, `{"action":"publish","event":"alerts.fire","data":{"room":3}}`)
+	if e := readEvent(t, sub); e.Event != "alerts.fire" || string(e.Data) != `{"room":3}` {
+		t.Fatalf("from a member on B: %+v", e)
+	}
+	q := url.Values{"id": {id}}
+	code, body, _ := n[2].do(t, http.MethodPost, "/publish?"+q.Encode(), strings.NewReader(`{"event":"alerts.flood","data":"basement"}`), http.Header{"X-Key": {testKey}})
+	if code != 200 {
+		t.Fatalf("POST /publish on C: %d %s", code, body)
+	}
+	if e := readEvent(t, sub); e.Event != "alerts.flood" || string(e.Data) != `"basement"` {
+		t.Fatalf("from POST /publish on C: %+v", e)
+	}
+}
