@@ -56,6 +56,7 @@ func (rt *Router) clusterUp(c *cluster.Node) {
 	c.Handle("allmembers", rt.answerAllMembers)
 	c.Handle("send", rt.answerSend)
 	c.Handle("close", rt.answerClose)
+	c.OnChange(rt.clusterChanged)
 	rt.metrics.prom.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Name: "wsrouter_cluster_gc_deferred_total",
 		Help: "Garbage collections of a registration this node left to another node that has members of it.",
@@ -157,9 +158,10 @@ func nodeMembersOf(node string, reg *registry.Registration) nodeMembers {
 
 // clusterMembers adds the members on other nodes to local, for /members
 // and an info stream's snapshot; floor, if not nil, gets each node's last
-// event number. A node cut off lists its own.
+// event number, from every live node (one whose members all left still
+// has events). A node cut off lists its own.
 func (rt *Router) clusterMembers(ctx context.Context, reg *registry.Registration, local []memberJSON, floor map[string]uint64) []memberJSON {
-	answers, _ := rt.askAll(ctx, reg, "members", nil)
+	answers, _ := rt.ask(ctx, reg, "members", nil, floor != nil)
 	for _, b := range answers {
 		var nm nodeMembers
 		if json.Unmarshal(b, &nm) != nil {
@@ -223,6 +225,16 @@ func (rt *Router) answerAllMembers(context.Context, *registry.Registration, []by
 	return json.Marshal(all)
 }
 
+// clusterChanged closes every info stream when this node's view of the
+// other nodes' members jumped (it caught up after NATS came back, or a
+// node died and its members are gone without a leave each): a stream
+// promises every event, so its client starts again from a snapshot.
+func (rt *Router) clusterChanged() {
+	for _, w := range rt.watchers.every() {
+		w.closeAfter(codeServiceRestart, "cluster changed: reconnect for a new snapshot")
+	}
+}
+
 // clusterEvent is a member's lifecycle event on its way to the other nodes'
 // info streams.
 type clusterEvent struct {
@@ -237,6 +249,9 @@ type clusterEvent struct {
 // shareEvent sends a member's event to the other nodes' watchers.
 func (rt *Router) shareEvent(ev registry.Event, e infoEvent) {
 	c := rt.cfg.Cluster
+	if !c.EventsFollowed() {
+		return
+	}
 	member := e.memberJSON
 	e.memberJSON = nil
 	if b, err := json.Marshal(clusterEvent{Node: c.ID(), Gen: ev.Reg.Generation, Seq: ev.Seq, Event: e, Member: member}); err == nil {
@@ -309,13 +324,23 @@ func (s *sendRequest) selector() registry.Selector {
 // (ErrNoOne) is skipped; one that failed is logged. Cut off, it fails with
 // errCut; a body too large for NATS with errTooLarge.
 func (rt *Router) askAll(ctx context.Context, reg *registry.Registration, method string, body []byte) ([][]byte, error) {
+	return rt.ask(ctx, reg, method, body, false)
+}
+
+// ask is askAll, or with live the same request to every live node, members
+// of reg or not.
+func (rt *Router) ask(ctx context.Context, reg *registry.Registration, method string, body []byte, live bool) ([][]byte, error) {
 	if rt.cut() {
 		return nil, errCut
 	}
 	ctx, cancel := context.WithTimeout(ctx, askTimeout)
 	defer cancel()
+	ask := rt.cfg.Cluster.Ask
+	if live {
+		ask = rt.cfg.Cluster.AskLive
+	}
 	var out [][]byte
-	for _, a := range rt.cfg.Cluster.Ask(ctx, reg, method, body) {
+	for _, a := range ask(ctx, reg, method, body) {
 		switch {
 		case a.Err == nil:
 			out = append(out, a.Body)

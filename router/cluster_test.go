@@ -560,3 +560,19 @@ func TestClusterPubSub(t *testing.T) {
 		t.Fatalf("from POST /publish on C: %+v", e)
 	}
 }
+
+// TestClusterInfoRestartsOnNodeGone: when a node goes, its members are gone
+// without a leave each; an info stream is closed with 1012 so that its
+// client starts again from a snapshot.
+func TestClusterInfoRestartsOnNodeGone(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := newClusterConfig(t, ns, 2, Config{Registry: regCfgKeep(), AdminToken: "adm"})
+	all := n[0].watch(t, nil, http.Header{"Authorization": {"Bearer adm"}})
+	if f := readInfo(t, all); f.Type != "snapshot" {
+		t.Fatalf("first frame %+v", f)
+	}
+	n[1].node.Close()
+	if code, _ := closeStatus(t, all); code != 1012 {
+		t.Fatalf("stream closed with %d, want 1012", code)
+	}
+}

@@ -101,14 +101,17 @@ func writeStatus(w http.ResponseWriter, err error, code int, msg string) {
 // Close codes of docs/protocol.md §4 that the server sends. 1000 is only ever the echo
 // of a peer's own close; 1011 has no cause in this version.
 const (
-	codeGoingAway    = 1001
-	codeInvalidUTF8  = 1007
-	codePolicy       = 1008
-	codeTooBig       = 1009
-	codeRemoved      = 4000
-	codeReplaced     = registry.CodeReplaced // 4001
-	codeByBackend    = 4002
-	codeSlowConsumer = 4008
+	codeGoingAway = 1001
+	// codeServiceRestart closes the info streams of a cluster node whose
+	// view of the other nodes jumped (docs/protocol.md §15.2).
+	codeServiceRestart = 1012
+	codeInvalidUTF8    = 1007
+	codePolicy         = 1008
+	codeTooBig         = 1009
+	codeRemoved        = 4000
+	codeReplaced       = registry.CodeReplaced // 4001
+	codeByBackend      = 4002
+	codeSlowConsumer   = 4008
 
 	// codePingTimeout stands for a member dropped without a close frame
 	// because it did not answer a ping. It never goes on the wire.

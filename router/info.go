@@ -172,7 +172,7 @@ type infoEvent struct {
 // runs on the registry's observer path: it encodes at most three times and
 // never blocks.
 func (rt *Router) observeInfo(ev registry.Event) {
-	shared := rt.cfg.Cluster != nil && isMemberEvent(ev.Kind)
+	shared := rt.cfg.Cluster != nil && isMemberEvent(ev.Kind) && rt.cfg.Cluster.EventsFollowed()
 	if rt.watchers.n.Load() == 0 && !shared {
 		return
 	}

@@ -151,8 +151,15 @@ func (n *Node) Attach(reg *registry.Registration) error {
 	if err != nil {
 		n.mu.Lock()
 		st.local--
+		busy := st.local > 0
+		if busy {
+			// Another member is waiting to join: it announces again.
+			st.announced = false
+		}
 		n.mu.Unlock()
-		n.withdrawLocked(st)
+		if !busy {
+			n.withdrawLocked(st)
+		}
 	}
 	return err
 }
@@ -226,9 +233,10 @@ func (n *Node) touch(ctx context.Context, reg *registry.Registration) error {
 }
 
 // tellInterest tells every live node at once that this node now has
-// members of id (its presence key at revision rev), and waits for them to
-// have heard it: their watch would tell them a moment later, but a member
-// hears the others from its 101 on, so their next message must come here.
+// members of id (its presence key at revision rev), or with id "" that it
+// follows events (its follow key), and waits for them to have heard it, 2 s
+// at most: their watch would tell them a moment later, but a member hears
+// the others from its 101 on, so their next message must come here.
 func (n *Node) tellInterest(id string, rev uint64) {
 	peers := n.livePeers()
 	ctx, cancel := context.WithTimeout(n.ctx, min(n.cfg.OpTimeout, 2*time.Second))

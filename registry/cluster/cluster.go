@@ -36,6 +36,7 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+	"golang.org/x/time/rate"
 
 	"wsrouter/registry"
 )
@@ -51,7 +52,9 @@ type Config struct {
 	Name string
 	// Heartbeat is how often the node says it is alive; 0 means 3 s.
 	Heartbeat time.Duration
-	// DeadAfter is how long a silent node counts as alive; 0 means 15 s.
+	// DeadAfter is how long a silent node counts as alive; 0 means 12 s,
+	// so that with the 3 s heartbeat a dead node stops counting within
+	// 15 s.
 	DeadAfter time.Duration
 	// OpTimeout bounds each key-value operation; 0 means 5 s.
 	OpTimeout time.Duration
@@ -60,6 +63,12 @@ type Config struct {
 }
 
 var validName = regexp.MustCompile(`^[A-Za-z0-9_-]{1,64}$`)
+
+// maxLookups is how many ids a node looks up in the bucket per second (and
+// at once), beyond those it knows: a registration made on another node a
+// moment ago is found at once, and a client guessing ids costs the bucket
+// nothing more.
+const maxLookups = 200
 
 // ValidName reports whether s may name a cluster.
 func ValidName(s string) bool { return validName.MatchString(s) }
@@ -78,11 +87,17 @@ type Node struct {
 	deferred atomic.Uint64
 	ownBeat  atomic.Int64 // unix ns when the watch last saw this node's heartbeat
 	dropped  atomic.Uint64
-	resync   chan struct{}
-	serving  chan struct{} // a token per request being answered (serveRequest)
-	ctx      context.Context
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
+	// followerCount is len(followers), read without the lock.
+	followerCount atomic.Int32
+	// relaying holds a token per relay request being answered.
+	relaying chan struct{}
+	// lookups bounds Lookup's reads of the bucket.
+	lookups *rate.Limiter
+	resync  chan struct{}
+	serving chan struct{} // a token per request being answered (serveRequest)
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 
 	// states are the registrations this node has members of, or knows
 	// other nodes have; looked up without a lock by Publish.
@@ -101,6 +116,9 @@ type Node struct {
 	nodes       map[string]time.Time         // guarded by mu; other nodes → when last heard
 	nodeRev     map[string]uint64            // guarded by mu; other nodes → their heartbeat's revision
 	handlers    map[string]Handler           // guarded by mu
+	onChange    func()                       // guarded by mu
+	followers   map[string]bool              // guarded by mu; other nodes that follow events
+	followRev   map[string]uint64            // guarded by mu; their follow keys' last revisions
 	nodeSub     *nats.Subscription
 }
 
@@ -127,7 +145,7 @@ func Dial(ctx context.Context, cfg Config) (*Node, error) {
 		cfg.Heartbeat = 3 * time.Second
 	}
 	if cfg.DeadAfter <= 0 {
-		cfg.DeadAfter = 15 * time.Second
+		cfg.DeadAfter = 12 * time.Second
 	}
 	if cfg.OpTimeout <= 0 {
 		cfg.OpTimeout = 5 * time.Second
@@ -143,11 +161,15 @@ func Dial(ctx context.Context, cfg Config) (*Node, error) {
 		prefix:      "wsr." + cfg.Name,
 		resync:      make(chan struct{}, 1),
 		serving:     make(chan struct{}, maxServing),
+		relaying:    make(chan struct{}, maxServing),
+		lookups:     rate.NewLimiter(maxLookups, maxLookups),
 		recs:        make(map[string]recEntry),
 		presence:    make(map[string]map[string]struct{}),
 		presenceRev: make(map[string]map[string]uint64),
 		nodes:       make(map[string]time.Time),
 		nodeRev:     make(map[string]uint64),
+		followers:   make(map[string]bool),
+		followRev:   make(map[string]uint64),
 		handlers:    make(map[string]Handler),
 	}
 	n.log = cfg.Log.With("node", n.id)
@@ -278,6 +300,7 @@ func (n *Node) Close() error {
 			}
 		}
 		n.kv.Delete(ctx, "n."+n.id)
+		n.kv.Delete(ctx, "i."+n.id)
 	}
 	n.nc.Close()
 	return nil

@@ -274,3 +274,32 @@ func TestPresenceReasserted(t *testing.T) {
 	})
 	waitUntil(t, "A to count B again", func() bool { return n[0].Elsewhere(reg.ID) })
 }
+
+// TestCatchUpKeepsNewerState: a catch-up after a reconnect forgets what the
+// bucket no longer has, but not what is newer than the bucket it read: a
+// node's direct word of its presence, told while the catch-up ran, and the
+// tombstones of removals.
+func TestCatchUpKeepsNewerState(t *testing.T) {
+	ns := clustertest.Start(t)
+	n := startNodes(t, ns, 1, time.Hour)[0]
+	const maxRev = 100
+	n.setPresence("fresh", "peer", true, maxRev+5) // told directly, after the pass began
+	n.setPresence("old", "peer", true, maxRev-5)   // gone from the bucket since
+	n.mu.Lock()
+	n.recs["removed"] = recEntry{rev: maxRev - 1, deleted: time.Now()}
+	n.mu.Unlock()
+	pass := &firstPass{recs: map[string]bool{}, presence: map[string]map[string]struct{}{}, own: map[string]bool{}, maxRev: maxRev}
+	n.caughtUp(pass, true)
+	if !n.Elsewhere("fresh") {
+		t.Error("the presence told after the pass began was forgotten")
+	}
+	if n.Elsewhere("old") {
+		t.Error("the presence the bucket no longer has is still counted")
+	}
+	n.mu.Lock()
+	e, ok := n.recs["removed"]
+	n.mu.Unlock()
+	if !ok || e.deleted.IsZero() {
+		t.Error("the tombstone was forgotten by the catch-up")
+	}
+}

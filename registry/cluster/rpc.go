@@ -55,55 +55,77 @@ const (
 // serveRequest answers another node's request, each on a goroutine of its
 // own: a relay waits for a device.
 func (n *Node) serveRequest(m *nats.Msg) {
+	if m.Header.Get(hdrMethod) == methodInterest {
+		// Quick, and what a member's 101 waits for: never queued
+		// behind relays.
+		n.reply(m, nil, n.noteInterest(m))
+		return
+	}
+	slots := n.serving
+	if m.Header.Get(hdrMethod) == "relay" {
+		slots = n.relaying // a relay may wait for a device for seconds
+	}
 	select {
-	case n.serving <- struct{}{}:
+	case slots <- struct{}{}:
 	default:
-		// As many requests as maxServing are being answered: this one is
-		// refused at once rather than queued without bound.
-		if m.Reply != "" {
-			reply := nats.NewMsg(m.Reply)
-			reply.Header.Set(hdrError, "busy")
-			n.nc.PublishMsg(reply)
-		}
+		// Every slot is taken: this request is refused at once rather
+		// than queued without bound.
+		n.reply(m, nil, errors.New("busy"))
 		return
 	}
 	go func() {
-		defer func() { <-n.serving }()
-		reply := nats.NewMsg(m.Reply)
+		defer func() { <-slots }()
 		body, err := n.answer(m)
-		switch {
-		case errors.Is(err, ErrNoOne):
-			reply.Header.Set(hdrError, noOne)
-		case err != nil:
-			reply.Header.Set(hdrError, err.Error())
-		default:
-			reply.Data = body
-		}
-		if m.Reply != "" {
-			if err := n.nc.PublishMsg(reply); err != nil {
-				// Too large for NATS, most likely: say so instead.
-				reply.Data = nil
-				reply.Header.Set(hdrError, "answer not sent: "+err.Error())
-				n.nc.PublishMsg(reply)
-			}
-		}
+		n.reply(m, body, err)
 	}()
 }
 
-// maxServing bounds the other nodes' requests this node answers at once
-// (relays waiting on a device among them).
+// reply answers request m with body, or with err.
+func (n *Node) reply(m *nats.Msg, body []byte, err error) {
+	if m.Reply == "" {
+		return
+	}
+	r := nats.NewMsg(m.Reply)
+	switch {
+	case errors.Is(err, ErrNoOne):
+		r.Header.Set(hdrError, noOne)
+	case err != nil:
+		r.Header.Set(hdrError, err.Error())
+	default:
+		r.Data = body
+	}
+	if err := n.nc.PublishMsg(r); err != nil {
+		// Too large for NATS, most likely: say so instead.
+		r.Data = nil
+		r.Header.Set(hdrError, "answer not sent: "+err.Error())
+		n.nc.PublishMsg(r)
+	}
+}
+
+// maxServing bounds the other nodes' requests this node answers at once,
+// relays and the rest apart.
 const maxServing = 1024
 
-func (n *Node) answer(m *nats.Msg) ([]byte, error) {
-	if m.Header.Get(hdrMethod) == methodInterest {
-		rev, err := strconv.ParseUint(m.Header.Get(hdrRev), 10, 64)
-		from := m.Header.Get(hdrFrom)
-		if err != nil || rev == 0 || from == "" || from == n.id {
-			return nil, errors.New("bad interest")
-		}
-		n.setPresence(m.Header.Get(hdrReg), from, true, rev)
-		return nil, nil
+// noteInterest takes another node's word that it has members of a
+// registration, or follows events (tellInterest, tellFollow).
+func (n *Node) noteInterest(m *nats.Msg) error {
+	rev, err := strconv.ParseUint(m.Header.Get(hdrRev), 10, 64)
+	from := m.Header.Get(hdrFrom)
+	if err != nil || from == "" || from == n.id {
+		return errors.New("bad interest")
 	}
+	if m.Header.Get(hdrReg) == "" {
+		n.setFollower(from, true, rev)
+		return nil
+	}
+	if rev == 0 {
+		return errors.New("bad interest")
+	}
+	n.setPresence(m.Header.Get(hdrReg), from, true, rev)
+	return nil
+}
+
+func (n *Node) answer(m *nats.Msg) ([]byte, error) {
 	n.mu.Lock()
 	h := n.handlers[m.Header.Get(hdrMethod)]
 	n.mu.Unlock()
@@ -134,7 +156,10 @@ type Answer struct {
 // Ask sends a request about reg to every live other node with members of
 // it, at once, and returns their answers when all have come or ctx ended.
 func (n *Node) Ask(ctx context.Context, reg *registry.Registration, method string, body []byte) []Answer {
-	peers := n.Peers(reg.ID)
+	return n.askNodes(ctx, n.Peers(reg.ID), reg, method, body)
+}
+
+func (n *Node) askNodes(ctx context.Context, peers []string, reg *registry.Registration, method string, body []byte) []Answer {
 	out := make([]Answer, len(peers))
 	var wg sync.WaitGroup
 	for i, peer := range peers {
@@ -149,21 +174,16 @@ func (n *Node) Ask(ctx context.Context, reg *registry.Registration, method strin
 	return out
 }
 
+// AskLive is Ask to every live other node, members of reg or not.
+func (n *Node) AskLive(ctx context.Context, reg *registry.Registration, method string, body []byte) []Answer {
+	return n.askNodes(ctx, n.livePeers(), reg, method, body)
+}
+
 // AskEvery sends a request about no registration in particular (reg nil
 // for its handlers) to every live other node, at once, and returns their
 // answers when all have come or ctx ended.
 func (n *Node) AskEvery(ctx context.Context, method string, body []byte) []Answer {
-	peers := n.livePeers()
-	out := make([]Answer, len(peers))
-	var wg sync.WaitGroup
-	for i, peer := range peers {
-		wg.Go(func() {
-			b, err := n.AskNode(ctx, peer, nil, method, body)
-			out[i] = Answer{Node: peer, Body: b, Err: err}
-		})
-	}
-	wg.Wait()
-	return out
+	return n.askNodes(ctx, n.livePeers(), nil, method, body)
 }
 
 // AskNode sends a request about reg (nil: about none) to one node and
@@ -236,14 +256,19 @@ func Unpack(b []byte, meta any) ([]byte, error) {
 // most once: an event nobody follows, or sent while NATS is away past the
 // reconnect buffer, is gone.
 func (n *Node) PublishEvent(id string, data []byte) {
+	if !n.EventsFollowed() {
+		return
+	}
 	if err := n.nc.Publish(n.prefix+".e."+enc(id), data); err != nil {
 		n.dropped.Add(1)
 	}
 }
 
 // FollowEvents calls f with every other node's lifecycle events until the
-// returned stop is called; it returns once the NATS server has the
-// subscription, so that events published after that are not missed.
+// returned stop is called. Nodes send events only while some node
+// follows: this one says so with its follow key i.{node} and tells the
+// live nodes directly, and returns once they have heard it, so that no
+// event after that is missed.
 func (n *Node) FollowEvents(f func(id string, data []byte)) (stop func(), err error) {
 	prefix := n.prefix + ".e."
 	sub, err := n.nc.Subscribe(prefix+"*", func(m *nats.Msg) {
@@ -254,8 +279,41 @@ func (n *Node) FollowEvents(f func(id string, data []byte)) (stop func(), err er
 	if err != nil {
 		return nil, err
 	}
-	if n.nc.IsConnected() {
-		n.nc.FlushTimeout(n.cfg.OpTimeout)
+	ctx, cancel := n.opCtx()
+	defer cancel()
+	rev, err := n.kv.Put(ctx, "i."+n.id, nil)
+	if err != nil {
+		sub.Unsubscribe()
+		return nil, err
 	}
-	return func() { sub.Unsubscribe() }, nil
+	n.tellInterest("", rev)
+	return func() {
+		sub.Unsubscribe()
+		ctx, cancel := n.opCtx()
+		defer cancel()
+		n.kv.Delete(ctx, "i."+n.id)
+	}, nil
 }
+
+// setFollower records that node follows events (or no longer does), as of
+// the bucket's revision rev.
+func (n *Node) setFollower(node string, on bool, rev uint64) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if rev != 0 && rev <= n.followRev[node] {
+		return // stale
+	}
+	if rev != 0 {
+		n.followRev[node] = rev
+	}
+	if on {
+		n.followers[node] = true
+	} else {
+		delete(n.followers, node)
+	}
+	n.followerCount.Store(int32(len(n.followers)))
+}
+
+// EventsFollowed reports whether another node follows events: if none
+// does, PublishEvent has no one to send to.
+func (n *Node) EventsFollowed() bool { return n.followerCount.Load() > 0 }

@@ -83,7 +83,7 @@ func (n *Node) watchOnce(first *bool, synced chan<- struct{}) int {
 			}
 			if e == nil {
 				if pass != nil {
-					n.caughtUp(pass)
+					n.caughtUp(pass, *first)
 					pass = nil
 					if *first {
 						*first = false
@@ -163,6 +163,10 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 			pass.presence[id][node] = struct{}{}
 		}
 		n.setPresence(id, node, !deleted, e.Revision())
+	case strings.HasPrefix(key, "i."):
+		if node := key[2:]; node != n.id {
+			n.setFollower(node, !deleted, e.Revision())
+		}
 	case strings.HasPrefix(key, "n."):
 		node := key[2:]
 		if node == n.id {
@@ -203,6 +207,11 @@ func (n *Node) Lookup(ctx context.Context, id string) (*registry.Registration, e
 	r := n.registry.Load()
 	if reg, err := r.Get(id); err == nil {
 		return reg, nil
+	}
+	if !n.lookups.Allow() {
+		// Many lookups of ids this node does not know: a client
+		// guessing ids, most likely. The bucket is not asked.
+		return nil, fmt.Errorf("lookup %s: %w", id, registry.ErrNotFound)
 	}
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.OpTimeout)
 	defer cancel()
@@ -264,9 +273,8 @@ func (n *Node) forgetTombstones() {
 //
 // A registration made (here, or looked up) after the pass began is not in
 // it, and stays: its record's revision is later than any the pass saw.
-func (n *Node) caughtUp(pass *firstPass) {
+func (n *Node) caughtUp(pass *firstPass, first bool) {
 	n.applyMu.Lock()
-	defer n.applyMu.Unlock()
 	r := n.registry.Load()
 	var gone []registry.Ref
 	n.mu.Lock()
@@ -275,22 +283,27 @@ func (n *Node) caughtUp(pass *firstPass) {
 			gone = append(gone, reg.Ref())
 		}
 	})
+	now := time.Now()
 	for id, e := range n.recs {
-		if !pass.recs[id] && e.rev <= pass.maxRev {
-			delete(n.recs, id)
+		if !pass.recs[id] && e.rev <= pass.maxRev && e.deleted.IsZero() {
+			// Removed while this node was not watching: remembered as
+			// a tombstone, so that a lookup that read it before cannot
+			// bring it back.
+			n.recs[id] = recEntry{rev: pass.maxRev, deleted: now}
 		}
 	}
 	var stale [][2]string
 	for id, nodes := range n.presence {
 		for node := range nodes {
-			if _, ok := pass.presence[id][node]; !ok {
+			// A presence newer than the pass (a node's direct word)
+			// stays.
+			if _, ok := pass.presence[id][node]; !ok && n.presenceRev[id][node] <= pass.maxRev {
 				stale = append(stale, [2]string{id, node})
 			}
 		}
 	}
 	// Every node gets a full DeadAfter to be heard again: while this one
 	// was away it heard nobody.
-	now := time.Now()
 	for node := range n.nodes {
 		n.nodes[node] = now
 	}
@@ -301,9 +314,46 @@ func (n *Node) caughtUp(pass *firstPass) {
 	for _, s := range stale {
 		n.setPresence(s[0], s[1], false, 0)
 	}
-	n.reannounce(pass.own)
-	n.synced.Store(true)
-	n.log.Info("cluster: in sync", "registrations", r.Len())
+	n.applyMu.Unlock()
+	// Announcing again takes two writes per registration with members
+	// here: off the watch, which goes on meanwhile (at start there is
+	// nothing to announce). The node is in sync once they are done.
+	done := func() {
+		n.reannounce(pass.own)
+		n.synced.Store(true)
+		n.log.Info("cluster: in sync", "registrations", r.Len())
+		n.changed()
+	}
+	if first {
+		done()
+		return
+	}
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		done()
+	}()
+}
+
+// changed tells OnChange that the view of other nodes' members may have
+// jumped (a resync, a node gone).
+func (n *Node) changed() {
+	n.mu.Lock()
+	f := n.onChange
+	n.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+// OnChange sets f to be called whenever this node's view of the other
+// nodes' members may have jumped rather than changed event by event: after
+// it caught up with the bucket again, or when another node died. Info
+// streams, which promise every event, start again from a snapshot then.
+func (n *Node) OnChange(f func()) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.onChange = f
 }
 
 // setPresence records that node has (or no longer has) members of id, as
@@ -358,11 +408,14 @@ func (n *Node) setPresence(id, node string, here bool, rev uint64) {
 }
 
 // liveElsewhereLocked counts the live other nodes with members of id.
+//
+// A node counts until it is declared dead (nodeDied, which recounts), not
+// by the age of its last heartbeat: a count taken from the clock would go
+// stale without anything to recompute it.
 func (n *Node) liveElsewhereLocked(id string) int {
 	live := 0
-	deadline := time.Now().Add(-n.cfg.DeadAfter)
 	for node := range n.presence[id] {
-		if seen, ok := n.nodes[node]; ok && seen.After(deadline) {
+		if _, ok := n.nodes[node]; ok {
 			live++
 		}
 	}
@@ -385,6 +438,10 @@ func (n *Node) nodeDied(node string) {
 		return
 	}
 	delete(n.nodes, node)
+	delete(n.followers, node)
+	n.followerCount.Store(int32(len(n.followers)))
+	followRev := n.followRev[node]
+	delete(n.followRev, node)
 	beatRev := n.nodeRev[node]
 	delete(n.nodeRev, node)
 	var ids []string
@@ -408,6 +465,7 @@ func (n *Node) nodeDied(node string) {
 	// Its keys go, but only as this node saw them: a node that was only
 	// slow and has written them again since keeps them (and its watch
 	// writes again what it finds deleted).
+	n.changed()
 	go func() {
 		del := func(key string, rev uint64) {
 			ctx, cancel := n.opCtx()
@@ -421,6 +479,7 @@ func (n *Node) nodeDied(node string) {
 			del("p."+enc(id)+"."+node, revs[id])
 		}
 		del("n."+node, beatRev)
+		del("i."+node, followRev)
 	}()
 }
 
