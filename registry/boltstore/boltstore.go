@@ -13,7 +13,6 @@ import (
 	"cmp"
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -25,7 +24,6 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
-	"golang.org/x/crypto/bcrypt"
 
 	"wsrouter/registry"
 )
@@ -218,25 +216,9 @@ func bucketNames(tx *bolt.Tx) [][]byte {
 	return names
 }
 
-// record is a Record as the file keeps it.
-type record struct {
-	ID          string    `json:"id"`
-	Type        string    `json:"type"`
-	Created     time.Time `json:"created"`
-	KeyHash     []byte    `json:"key_hash"`
-	HostKeyHash []byte    `json:"host_key_hash"`
-	Generation  uint64    `json:"generation"`
-	// Webhook settings, absent when none (a schema 1 addition that older
-	// records simply lack).
-	WebhookURL    string `json:"webhook_url,omitempty"`
-	WebhookSecret []byte `json:"webhook_secret,omitempty"`
-	WebhookEvents uint8  `json:"webhook_events,omitempty"`
-}
-
 // Put implements registry.Store. Concurrent Puts share one commit.
 func (s *Store) Put(_ context.Context, rec registry.Record) error {
-	b, err := json.Marshal(record{rec.ID, rec.Type.String(), rec.Created.UTC(), rec.KeyHash, rec.HostKeyHash, rec.Generation,
-		rec.Webhook.URL, rec.Webhook.Secret, rec.Webhook.Events})
+	b, err := registry.MarshalRecord(rec)
 	if err != nil {
 		return err
 	}
@@ -266,8 +248,7 @@ func (s *Store) Delete(_ context.Context, ref registry.Ref) error {
 		if v == nil {
 			return nil
 		}
-		var r record
-		if err := json.Unmarshal(v, &r); err == nil && r.Generation != ref.Generation {
+		if r, err := registry.UnmarshalRecord(v); err == nil && r.Generation != ref.Generation {
 			return nil // a newer registration under the id
 		}
 		return regs.Delete([]byte(ref.ID))
@@ -291,19 +272,14 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 		regs := tx.Bucket(bucketRegs)
 		recs = make([]registry.Record, 0, regs.Stats().KeyN)
 		return regs.ForEach(func(k, v []byte) error {
-			var r record
-			if err := json.Unmarshal(v, &r); err != nil {
+			r, err := registry.UnmarshalRecord(v)
+			if err != nil {
 				return fmt.Errorf("record %q: %w", k, err)
 			}
-			typ, ok := registry.ParseType(r.Type)
-			if !ok || r.ID != string(k) || r.Generation == 0 || !isHash(r.KeyHash) || !isHash(r.HostKeyHash) {
-				return fmt.Errorf("record %q: malformed", k)
+			if r.ID != string(k) {
+				return fmt.Errorf("record %q: %w", k, registry.ErrMalformed)
 			}
-			recs = append(recs, registry.Record{
-				ID: r.ID, Type: typ, Created: r.Created, KeyHash: r.KeyHash,
-				HostKeyHash: r.HostKeyHash, Generation: r.Generation,
-				Webhook: registry.Webhook{URL: r.WebhookURL, Secret: r.WebhookSecret, Events: r.WebhookEvents},
-			})
+			recs = append(recs, r)
 			return nil
 		})
 	})
@@ -311,13 +287,6 @@ func (s *Store) Load(context.Context) (recs []registry.Record, err error) {
 		return nil, fmt.Errorf("load %s: %w", s.path, err)
 	}
 	return recs, nil
-}
-
-// isHash reports whether b is a bcrypt hash (a garbage one would fail every
-// key check later, as an internal error).
-func isHash(b []byte) bool {
-	_, err := bcrypt.Cost(b)
-	return err == nil
 }
 
 // Secret returns the value kept in the file under name (such as the

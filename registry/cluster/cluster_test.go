@@ -130,6 +130,17 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 	}
 }
 
+// createOnTwo makes a lobby on the first node and returns it as the first
+// and the second node hold it.
+func createOnTwo(t *testing.T, n []*node) (*registry.Registration, *registry.Registration) {
+	t.Helper()
+	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return reg, get(t, n[1], reg.ID)
+}
+
 func get(t *testing.T, n *node, id string) *registry.Registration {
 	t.Helper()
 	var reg *registry.Registration
@@ -147,11 +158,7 @@ func get(t *testing.T, n *node, id string) *registry.Registration {
 func TestDeadNodeStopsCounting(t *testing.T) {
 	ns := clustertest.Start(t)
 	n := startNodes(t, ns, 2, 200*time.Millisecond)
-	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	regB := get(t, n[1], reg.ID)
+	reg, regB := createOnTwo(t, n)
 	a, b := newMember("a"), newMember("b")
 	if err := reg.Join(a, registry.RoleMember); err != nil {
 		t.Fatal(err)
@@ -188,11 +195,7 @@ func TestDeadNodeStopsCounting(t *testing.T) {
 func TestIdleDeleteRefusesAJoinElsewhere(t *testing.T) {
 	ns := clustertest.Start(t)
 	n := startNodes(t, ns, 2, time.Hour)
-	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	regB := get(t, n[1], reg.ID)
+	reg, regB := createOnTwo(t, n)
 	// A looks at the record's revision, then B's member joins (its
 	// presence, then the touch); A's watch may not have seen either when
 	// A deletes: the delete, conditional on the revision A saw, fails.
@@ -204,8 +207,7 @@ func TestIdleDeleteRefusesAJoinElsewhere(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	err = n[0].kv.Delete(ctx, recKey(reg.ID), jetstream.LastRevision(seen.rev))
-	if err == nil {
+	if err := n[0].kv.Delete(ctx, recKey(reg.ID), jetstream.LastRevision(seen.rev)); err == nil {
 		t.Fatal("a delete at the revision seen before B's join went through")
 	}
 	if err := n[0].DeleteIdle(ctx, reg.Ref()); !errors.Is(err, registry.ErrInUse) {
@@ -218,11 +220,7 @@ func TestIdleDeleteRefusesAJoinElsewhere(t *testing.T) {
 func TestJoinAfterRemovalElsewhere(t *testing.T) {
 	ns := clustertest.Start(t)
 	n := startNodes(t, ns, 2, time.Hour)
-	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	regB := get(t, n[1], reg.ID)
+	reg, regB := createOnTwo(t, n)
 	n[1].applyMu.Lock() // B's watch applies nothing for now
 	if err := reg.Remove(context.Background()); err != nil {
 		n[1].applyMu.Unlock()
@@ -230,6 +228,7 @@ func TestJoinAfterRemovalElsewhere(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- regB.Join(newMember("late"), registry.RoleMember) }()
+	var err error
 	select {
 	case err = <-done:
 	case <-time.After(testTimeout):
@@ -251,11 +250,7 @@ func TestJoinAfterRemovalElsewhere(t *testing.T) {
 func TestPresenceReasserted(t *testing.T) {
 	ns := clustertest.Start(t)
 	n := startNodes(t, ns, 2, time.Hour)
-	reg, err := n[0].r.Create(context.Background(), registry.Spec{Type: registry.Lobby, Key: "k", HostKey: "h"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	regB := get(t, n[1], reg.ID)
+	reg, regB := createOnTwo(t, n)
 	if err := regB.Join(newMember("b"), registry.RoleMember); err != nil {
 		t.Fatal(err)
 	}

@@ -2,10 +2,8 @@ package cluster
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
 
@@ -14,48 +12,13 @@ import (
 
 // This file is the node as the registry's Store: records in the bucket.
 
-// wireRecord is a Record as the bucket keeps it.
-type wireRecord struct {
-	ID          string    `json:"id"`
-	Type        uint8     `json:"type"`
-	Created     time.Time `json:"created"`
-	KeyHash     []byte    `json:"key_hash"`
-	HostKeyHash []byte    `json:"host_key_hash"`
-	Generation  uint64    `json:"gen"`
-	WebhookURL  string    `json:"webhook_url,omitempty"`
-	WebhookKey  []byte    `json:"webhook_secret,omitempty"`
-	WebhookEv   uint8     `json:"webhook_events,omitempty"`
-}
-
-func encodeRecord(rec registry.Record) ([]byte, error) {
-	return json.Marshal(wireRecord{
-		ID: rec.ID, Type: uint8(rec.Type), Created: rec.Created,
-		KeyHash: rec.KeyHash, HostKeyHash: rec.HostKeyHash, Generation: rec.Generation,
-		WebhookURL: rec.Webhook.URL, WebhookKey: rec.Webhook.Secret, WebhookEv: rec.Webhook.Events,
-	})
-}
-
-func decodeRecord(b []byte) (registry.Record, error) {
-	var w wireRecord
-	if err := json.Unmarshal(b, &w); err != nil {
-		return registry.Record{}, err
-	}
-	if w.ID == "" || w.Generation == 0 {
-		return registry.Record{}, errors.New("record without id or generation")
-	}
-	return registry.Record{
-		ID: w.ID, Type: registry.Type(w.Type), Created: w.Created,
-		KeyHash: w.KeyHash, HostKeyHash: w.HostKeyHash, Generation: w.Generation,
-		Webhook: registry.Webhook{URL: w.WebhookURL, Secret: w.WebhookKey, Events: w.WebhookEv},
-	}, nil
-}
-
+// Records are kept as the data file keeps them (registry.MarshalRecord).
 func recKey(id string) string { return "r." + enc(id) }
 
 // Put implements registry.Store: create-if-absent, so that of two nodes
 // creating one id, one wins and the other gets ErrExists.
 func (n *Node) Put(ctx context.Context, rec registry.Record) error {
-	b, err := encodeRecord(rec)
+	b, err := registry.MarshalRecord(rec)
 	if err != nil {
 		return err
 	}
@@ -100,7 +63,7 @@ func (n *Node) current(ctx context.Context, id string) (e jetstream.KeyValueEntr
 	if err != nil {
 		return nil, 0, false, err
 	}
-	rec, err := decodeRecord(e.Value())
+	rec, err := registry.UnmarshalRecord(e.Value())
 	if err != nil {
 		return nil, 0, false, fmt.Errorf("record %s: %w", id, err)
 	}
@@ -175,7 +138,7 @@ func (n *Node) Load(ctx context.Context) ([]registry.Record, error) {
 		if err != nil {
 			return nil, err
 		}
-		rec, err := decodeRecord(e.Value())
+		rec, err := registry.UnmarshalRecord(e.Value())
 		if err != nil {
 			n.log.Error("cluster: skipping a bad record", "key", k, "err", err)
 			continue

@@ -125,7 +125,7 @@ func (n *Node) apply(e jetstream.KeyValueEntry, pass *firstPass) {
 			n.applyMu.Unlock()
 			return
 		}
-		rec, err := decodeRecord(e.Value())
+		rec, err := registry.UnmarshalRecord(e.Value())
 		if err != nil || rec.ID != id {
 			n.log.Error("cluster: skipping a bad record", "key", key, "err", err)
 			return
@@ -222,7 +222,7 @@ func (n *Node) Lookup(ctx context.Context, id string) (*registry.Registration, e
 	if err != nil {
 		return nil, fmt.Errorf("lookup %s: %w: %w", id, registry.ErrStore, err)
 	}
-	rec, err := decodeRecord(e.Value())
+	rec, err := registry.UnmarshalRecord(e.Value())
 	if err != nil || rec.ID != id {
 		return nil, fmt.Errorf("lookup %s: %w", id, registry.ErrNotFound)
 	}
