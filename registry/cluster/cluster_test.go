@@ -298,3 +298,54 @@ func TestCatchUpKeepsNewerState(t *testing.T) {
 		t.Error("the tombstone was forgotten by the catch-up")
 	}
 }
+
+// TestDeadNodeDefaultTimes: with the default heartbeat and dead time, on
+// the real clock, a node that dies without a word stops counting within
+// 15 s (docs/protocol.md §15.2).
+func TestDeadNodeDefaultTimes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("takes 15 s")
+	}
+	ns := clustertest.Start(t)
+	name := fmt.Sprint("t", bucketSeq.Add(1))
+	var nodes []*node
+	for range 2 {
+		nd, err := Dial(context.Background(), Config{URLs: ns.URL(), Name: name, Log: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { nd.Close() })
+		cn := &node{Node: nd, removed: make(chan registry.Cause, 10)}
+		cn.r = registry.New(registry.Config{BcryptCost: 4, GCGrace: time.Hour, Store: nd, Broker: nd})
+		ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+		if err := nd.Start(ctx, cn.r); err != nil {
+			t.Fatal(err)
+		}
+		cancel()
+		nodes = append(nodes, cn)
+	}
+	_, regB := createOnTwo(t, nodes)
+	if err := regB.Join(newMember("b"), registry.RoleMember); err != nil {
+		t.Fatal(err)
+	}
+	if !nodes[0].Elsewhere(regB.ID) {
+		t.Fatal("A does not count B's member")
+	}
+	died := time.Now()
+	nodes[1].cancel()
+	nodes[1].nc.Close()
+	deadline := died.Add(30 * time.Second)
+	for nodes[0].Elsewhere(regB.ID) {
+		if time.Now().After(deadline) {
+			t.Fatal("a dead node's member still counts after 30 s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	took := time.Since(died)
+	t.Logf("stopped counting %v after the node died", took.Round(100*time.Millisecond))
+	// 12 s of silence, checked every second: 13 s, and 2 s for a loaded
+	// machine's timers.
+	if took > 15*time.Second {
+		t.Fatalf("stopped counting after %v, want within 15 s", took)
+	}
+}

@@ -485,13 +485,19 @@ func (n *Node) nodeDied(node string) {
 
 // beat writes the node's heartbeat every Heartbeat and declares dead the
 // nodes not heard of for DeadAfter.
+//
+// It looks for silent nodes every second (or every Heartbeat if shorter), so
+// that a node is declared dead soon after DeadAfter, not up to a heartbeat
+// later.
 func (n *Node) beat() {
 	defer n.wg.Done()
-	t := time.NewTicker(n.cfg.Heartbeat)
+	t := time.NewTicker(min(n.cfg.Heartbeat, time.Second))
 	defer t.Stop()
 	lastPurge := time.Now()
+	var lastBeat time.Time
 	for {
-		if n.nc.IsConnected() {
+		if n.nc.IsConnected() && time.Since(lastBeat) >= n.cfg.Heartbeat {
+			lastBeat = time.Now()
 			ctx, cancel := n.opCtx()
 			if _, err := n.kv.Put(ctx, "n."+n.id, []byte(time.Now().UTC().Format(time.RFC3339))); err != nil && n.ctx.Err() == nil {
 				n.log.Warn("cluster: heartbeat not written", "err", err)
