@@ -319,16 +319,11 @@ func (s *sendRequest) selector() registry.Selector {
 	return registry.Selector{Role: s.Role, ID: s.ID, Name: s.Name}
 }
 
-// askAll sends a request to every other node with members of reg and
-// returns the bodies of those that answered. A node with nothing to say
-// (ErrNoOne) is skipped; one that failed is logged. Cut off, it fails with
-// errCut; a body too large for NATS with errTooLarge.
-func (rt *Router) askAll(ctx context.Context, reg *registry.Registration, method string, body []byte) ([][]byte, error) {
-	return rt.ask(ctx, reg, method, body, false)
-}
-
-// ask is askAll, or with live the same request to every live node, members
-// of reg or not.
+// ask sends a request to every other node with members of reg (with live,
+// to every live node, members of reg or not) and returns the bodies of
+// those that answered. A node with nothing to say (ErrNoOne) is skipped;
+// one that failed is logged. Cut off, it fails with errCut; a body too
+// large for NATS with errTooLarge.
 func (rt *Router) ask(ctx context.Context, reg *registry.Registration, method string, body []byte, live bool) ([][]byte, error) {
 	if rt.cut() {
 		return nil, errCut
@@ -360,7 +355,7 @@ func (rt *Router) clusterSend(ctx context.Context, reg *registry.Registration, s
 	if err != nil {
 		return 0, err
 	}
-	answers, err := rt.askAll(ctx, reg, "send", body)
+	answers, err := rt.ask(ctx, reg, "send", body, false)
 	n := 0
 	for _, b := range answers {
 		var got int
@@ -390,7 +385,7 @@ func (rt *Router) clusterClose(ctx context.Context, reg *registry.Registration, 
 	if err != nil {
 		return false, err
 	}
-	answers, err := rt.askAll(ctx, reg, "close", body)
+	answers, err := rt.ask(ctx, reg, "close", body, false)
 	return len(answers) > 0, err
 }
 
@@ -407,7 +402,7 @@ func (rt *Router) answerClose(_ context.Context, reg *registry.Registration, bod
 	return nil, nil
 }
 
-// serveClusterHealth is /healthz's answer on a cluster node cut off from the
+// serveDegraded is /healthz's answer on a cluster node cut off from the
 // others: still 200, so that a load balancer keeps sending it the members
 // it can serve, but saying so.
 func serveDegraded(w http.ResponseWriter) {

@@ -79,6 +79,17 @@ func newClusterConfig(t *testing.T, ns *clustertest.NATS, n int, base Config) []
 	return nodes
 }
 
+// clusterWithReg starts a cluster of count nodes (registrations kept) and
+// makes a registration of regType on node on, known to every node.
+func clusterWithReg(t *testing.T, count, on int, regType string) (*clustertest.NATS, []*clusterNode, string) {
+	t.Helper()
+	ns := clustertest.Start(t)
+	n := newCluster(t, ns, count, regCfgKeep())
+	id := n[on].register(t, regType)
+	knows(t, id, n...)
+	return ns, n, id
+}
+
 // knows waits until the registration id is live on every node.
 func knows(t *testing.T, id string, nodes ...*clusterNode) {
 	t.Helper()
@@ -111,10 +122,7 @@ func joined(t *testing.T, id string, nodes ...*clusterNode) {
 }
 
 func TestClusterLobby(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 3, regCfgKeep())
-	id := n[0].register(t, "lobby")
-	knows(t, id, n...)
+	_, n, id := clusterWithReg(t, 3, 0, "lobby")
 	a, b, c := n[0].dial(t, id, ""), n[1].dial(t, id, ""), n[2].dial(t, id, "")
 	for i, conn := range []*websocket.Conn{a, b, c} {
 		write(t, conn, fmt.Sprintf("from %d", i))
@@ -150,10 +158,7 @@ func TestClusterLobby(t *testing.T) {
 }
 
 func TestClusterHostClient(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 3, regCfgKeep())
-	id := n[1].register(t, "hostclient")
-	knows(t, id, n...)
+	_, n, id := clusterWithReg(t, 3, 1, "hostclient")
 	host := n[0].dial(t, id, "host")
 	cb, cc := n[1].dial(t, id, "client"), n[2].dial(t, id, "client")
 	write(t, host, "to clients")
@@ -171,10 +176,7 @@ func TestClusterHostClient(t *testing.T) {
 // TestClusterOrder: 2,000 messages from a member on one node arrive in order
 // at members on the two others.
 func TestClusterOrder(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 3, regCfgKeep())
-	id := n[0].register(t, "lobby")
-	knows(t, id, n...)
+	_, n, id := clusterWithReg(t, 3, 0, "lobby")
 	a, b, c := n[0].dial(t, id, ""), n[1].dial(t, id, ""), n[2].dial(t, id, "")
 	const count = 2000
 	go func() {
@@ -241,10 +243,7 @@ func TestClusterIDRace(t *testing.T) {
 }
 
 func TestClusterRemove(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 3, regCfgKeep())
-	id := n[0].register(t, "lobby")
-	knows(t, id, n...)
+	_, n, id := clusterWithReg(t, 3, 0, "lobby")
 	a, b := n[0].dial(t, id, ""), n[1].dial(t, id, "")
 	q := url.Values{"id": {id}, "key": {testKey}, "host_key": {testHostKey}}
 	if code, body, _ := n[2].do(t, "GET", "/remove?"+q.Encode(), nil, nil); code != 200 {
@@ -301,10 +300,7 @@ func TestClusterGC(t *testing.T) {
 }
 
 func TestClusterRelay(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 3, regCfgKeep())
-	id := n[0].register(t, "hostclient")
-	knows(t, id, n...)
+	_, n, id := clusterWithReg(t, 3, 0, "hostclient")
 	// No host anywhere: 503.
 	if code, body, _ := n[2].do(t, "GET", relayURL(id, "/", nil), nil, nil); code != 503 {
 		t.Fatalf("no host: got %d %q, want 503", code, body)
@@ -352,11 +348,8 @@ func TestClusterRelay(t *testing.T) {
 // TestClusterBackendAPI: /members lists every node's members, /send reaches
 // them and DELETE /member closes one on another node.
 func TestClusterBackendAPI(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 3, regCfgKeep())
-	id := n[0].register(t, "hostclient")
-	knows(t, id, n...)
-	host := n[0].dial(t, id, "host")
+	_, n, id := clusterWithReg(t, 3, 0, "hostclient")
+	n[0].dial(t, id, "host")
 	c1 := n[1].dial(t, id, "client")
 	q := url.Values{"id": {id}, "host_key": {testHostKey}}
 	code, body, _ := n[2].do(t, "GET", "/members?"+q.Encode(), nil, nil)
@@ -385,7 +378,6 @@ func TestClusterBackendAPI(t *testing.T) {
 	if code, _ := closeStatus(t, c1); code != 4002 {
 		t.Fatalf("closed with %d, want 4002", code)
 	}
-	_ = host
 }
 
 func (cn *clusterNode) memberID(t *testing.T, id string) string {
@@ -401,10 +393,7 @@ func (cn *clusterNode) memberID(t *testing.T, id string) string {
 // on one node keep talking, the node says it is degraded and refuses what
 // needs the cluster, and once NATS is back cross-node traffic resumes.
 func TestClusterNATSRestart(t *testing.T) {
-	ns := clustertest.Start(t)
-	n := newCluster(t, ns, 2, regCfgKeep())
-	id := n[0].register(t, "lobby")
-	knows(t, id, n...)
+	ns, n, id := clusterWithReg(t, 2, 0, "lobby")
 	a1, a2, b := n[0].dial(t, id, ""), n[0].dial(t, id, ""), n[1].dial(t, id, "")
 	joined(t, id, n...)
 
@@ -474,7 +463,7 @@ func TestClusterInfo(t *testing.T) {
 		t.Fatalf("server-wide snapshot on A: %+v, want the registration with B's member", snapAll)
 	}
 
-	m2 := n[1].dial(t, id, "")
+	n[1].dial(t, id, "")
 	for _, c := range []*websocket.Conn{one, all} {
 		if f := readInfo(t, c); f.Type != "join" || f.Conn == snap.Members[0].Conn {
 			t.Fatalf("after a join on B: %+v, want the new member's join", f)
@@ -507,7 +496,6 @@ func TestClusterInfo(t *testing.T) {
 	if code, _ := closeStatus(t, one); code != 4000 {
 		t.Fatalf("stream closed with %d, want 4000", code)
 	}
-	_ = m2
 }
 
 // TestClusterNodeDies: a node goes away; its members reconnect to another

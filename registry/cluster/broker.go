@@ -34,16 +34,17 @@ type regState struct {
 
 	// op serializes the network side: subscribing, unsubscribing and
 	// writing presence.
-	op  sync.Mutex
-	sub *nats.Subscription // guarded by op
-	// announced: this node's presence key is written (or will be, once
-	// NATS is back).
-	announced bool // guarded by op
+	op sync.Mutex
+	// sub and announced (this node's presence key is written, or will be
+	// once NATS is back) change with op and Node.mu both held; either
+	// lock suffices to read them.
+	sub       *nats.Subscription
+	announced bool
 
 	local int // guarded by Node.mu; members here (Attach less Detach)
 }
 
-// state returns the state of id, made if need be, with n.mu held: a state
+// stateLocked returns the state of id, made if need be, with n.mu held: a state
 // is forgotten only under n.mu, so the caller may count on it.
 func (n *Node) stateLocked(id string) *regState {
 	if v, ok := n.states.Load(id); ok {

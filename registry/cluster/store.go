@@ -12,7 +12,8 @@ import (
 
 // This file is the node as the registry's Store: records in the bucket.
 
-// Records are kept as the data file keeps them (registry.MarshalRecord).
+// recKey is the key of the record of id, kept as the data file keeps it
+// (registry.MarshalRecord).
 func recKey(id string) string { return "r." + enc(id) }
 
 // Put implements registry.Store: create-if-absent, so that of two nodes

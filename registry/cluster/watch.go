@@ -552,15 +552,14 @@ func (n *Node) Elsewhere(id string) bool {
 }
 
 // livePeers returns the live other nodes.
+//
+// Live means not declared dead, as liveElsewhereLocked counts.
 func (n *Node) livePeers() []string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	deadline := time.Now().Add(-n.cfg.DeadAfter)
-	var out []string
-	for node, seen := range n.nodes {
-		if seen.After(deadline) {
-			out = append(out, node)
-		}
+	out := make([]string, 0, len(n.nodes))
+	for node := range n.nodes {
+		out = append(out, node)
 	}
 	return out
 }
@@ -569,10 +568,9 @@ func (n *Node) livePeers() []string {
 func (n *Node) Peers(id string) []string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	deadline := time.Now().Add(-n.cfg.DeadAfter)
 	var out []string
 	for node := range n.presence[id] {
-		if seen, ok := n.nodes[node]; ok && seen.After(deadline) {
+		if _, ok := n.nodes[node]; ok {
 			out = append(out, node)
 		}
 	}
